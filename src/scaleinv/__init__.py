@@ -1,0 +1,7 @@
+"""scaleinv: momentum optimizers that behave on scale-invariant weights (SGDP, AdamP)."""
+
+from scaleinv.adamp import AdamP, adamp
+from scaleinv.sgdp import SGDP, sgdp
+
+__all__ = ["AdamP", "SGDP", "adamp", "sgdp"]
+__version__ = "0.1.0"

@@ -1,0 +1,89 @@
+"""Argument checks and group plumbing shared by AdamP and SGDP."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import _default_to_fused_or_foreach
+
+from scaleinv.projection import validate_scale_invariant
+
+
+def check_number(name: str, value: Any, *, low: float, high: float = math.inf,
+                 low_open: bool = False, high_open: bool = True) -> None:
+    """Raise ``ValueError``/``TypeError`` unless ``low <= value < high`` (bounds as flagged)."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"Invalid {name}: a tensor {name} must have exactly one element")
+        if value.requires_grad:
+            raise ValueError(f"Invalid {name}: a tensor {name} must not require grad")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"Invalid {name}: expected a real number, got {type(value).__name__}")
+    too_low = value <= low if low_open else value < low
+    too_high = value >= high if high_open else value > high
+    if math.isnan(value) or too_low or too_high:
+        left = "(" if low_open else "["
+        right = ")" if high_open else "]"
+        hi = "inf" if math.isinf(high) else f"{high:g}"
+        raise ValueError(f"Invalid {name}: {value!r}; allowed range is {left}{low:g}, {hi}{right}")
+
+
+def check_group_params(group: dict[str, Any]) -> None:
+    """Refuse a group that mixes annotations with tensors that cannot carry them."""
+    mode = validate_scale_invariant(group["scale_invariant"])
+    group["scale_invariant"] = mode
+    if mode in ("channel", "layer"):
+        for p in group["params"]:
+            if p.dim() < 2:
+                raise ValueError(
+                    f"scale_invariant={mode!r} was given for a group holding a parameter of "
+                    f"shape {tuple(p.shape)}; only tensors with dim() >= 2 can be projected. "
+                    "Put 1-D parameters (biases, norm gains) in a group of their own."
+                )
+
+
+def check_grad(p: Tensor, optimizer: str) -> None:
+    if p.grad is not None and p.grad.is_sparse:
+        raise RuntimeError(f"{optimizer} does not support sparse gradients")
+
+
+def new_step_counter(p: Tensor, capturable: bool) -> Tensor:
+    """A step counter the way ``torch.optim.Adam`` keeps it: on the param's device if capturable."""
+    if capturable:
+        return torch.zeros((), dtype=torch.float32, device=p.device)
+    return torch.tensor(0.0, dtype=torch.float32)
+
+
+def as_step_counter(step: Any, p: Tensor, capturable: bool) -> Tensor:
+    """Turn a loaded ``step`` (an int in ``adamp`` 0.3.0 state_dicts) into our tensor counter."""
+    if torch.is_tensor(step):
+        target = p.device if capturable else torch.device("cpu")
+        return step.to(device=target, dtype=torch.float32)
+    counter = new_step_counter(p, capturable)
+    counter.fill_(float(step))
+    return counter
+
+
+def resolve_foreach(foreach: bool | None, capturable: bool, params: list[Tensor]) -> bool:
+    """``foreach=None`` picks like ``torch.optim``; ``capturable`` needs the sync-free body."""
+    if foreach is None:
+        if capturable:
+            return True
+        _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
+        return foreach
+    if capturable and not foreach:
+        raise ValueError(
+            "capturable=True needs the sync-free multi-tensor body: pass foreach=True or None"
+        )
+    return foreach
+
+
+def step_value(step: Tensor) -> float | Tensor:
+    """The counter as a float in eager mode, as the tensor itself while compiling."""
+    if torch.compiler.is_compiling():
+        return step
+    return step.item()

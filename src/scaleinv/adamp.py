@@ -1,0 +1,298 @@
+"""AdamP: Adam with the radial part of the update removed on scale-invariant weights."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from scaleinv._common import (
+    as_step_counter,
+    check_grad,
+    check_group_params,
+    check_number,
+    new_step_counter,
+    resolve_foreach,
+    step_value,
+)
+from scaleinv.projection import (
+    ScaleInvariant,
+    project_radial_,
+    radial_coefficients,
+    select_view,
+    validate_scale_invariant,
+)
+
+__all__ = ["AdamP", "adamp"]
+
+
+class AdamP(Optimizer):
+    r"""AdamP (Heo et al., ICLR 2021), numerically faithful to the official ``adamp`` 0.3.0.
+
+    Per tensor ``w`` with gradient ``g``::
+
+        m = b1 m + (1 - b1) g ;  v = b2 v + (1 - b2) g^2 ;  t += 1
+        p = m / (sqrt(v) / sqrt(1 - b2^t) + eps)      (nesterov: b1 m + (1 - b1) g for m)
+        p, r = project(w, g, p)                         # r = wd_ratio if projected else 1
+        w = w (1 - lr weight_decay r) - lr / (1 - b1^t) p
+
+    ``project`` removes the radial part of ``p`` per output channel or for the whole tensor when
+    the cosine test (or the group's ``scale_invariant`` annotation) says ``w`` is
+    scale-invariant; see :mod:`scaleinv.projection`.
+
+    Args:
+        params: parameters or param groups.
+        lr: learning rate, ``>= 0``.
+        betas: ``(b1, b2)``, each in ``[0, 1)``.
+        eps: added to the denominator and to the norms of the projection, ``>= 0``.
+        weight_decay: decoupled weight decay, ``>= 0``.
+        delta: threshold of the cosine test, ``> 0``.
+        wd_ratio: weight-decay multiplier for projected tensors, in ``[0, 1]``.
+        nesterov: Nesterov momentum in the update direction.
+        maximize: maximise the objective (``p.grad`` itself is left unchanged).
+        foreach: multi-tensor, sync-free body; ``None`` picks like ``torch.optim``.
+        capturable: keep step counters on the device so a step can be captured in a CUDA graph.
+        scale_invariant: ``"auto"`` (cosine test), ``"channel"``, ``"layer"`` or ``False``.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        delta: float = 0.1,
+        wd_ratio: float = 0.1,
+        nesterov: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        scale_invariant: ScaleInvariant = "auto",
+    ) -> None:
+        check_number("lr", lr, low=0.0)
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"Invalid betas: {betas!r}; expected a pair (beta1, beta2)")
+        check_number("betas[0]", betas[0], low=0.0, high=1.0)
+        check_number("betas[1]", betas[1], low=0.0, high=1.0)
+        check_number("eps", eps, low=0.0)
+        check_number("weight_decay", weight_decay, low=0.0)
+        check_number("delta", delta, low=0.0, low_open=True)
+        check_number("wd_ratio", wd_ratio, low=0.0, high=1.0, high_open=False)
+        validate_scale_invariant(scale_invariant)
+        defaults = dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, delta=delta,
+            wd_ratio=wd_ratio, nesterov=nesterov, maximize=maximize, foreach=foreach,
+            capturable=capturable, scale_invariant=scale_invariant,
+        )
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        check_group_params(self.param_groups[-1])
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("maximize", False)
+            group.setdefault("foreach", None)
+            group.setdefault("capturable", False)
+            group.setdefault("scale_invariant", "auto")
+            for p in group["params"]:
+                p_state = self.state.get(p, {})
+                if "step" in p_state:
+                    p_state["step"] = as_step_counter(p_state["step"], p, group["capturable"])
+
+    def _init_group(
+        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
+        exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], steps: list[Tensor],
+    ) -> None:
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            check_grad(p, "AdamP")
+            state = self.state[p]
+            if len(state) == 0:
+                state["step"] = new_step_counter(p, group["capturable"])
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            params.append(p)
+            grads.append(p.grad)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            steps.append(state["step"])
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """Perform one optimisation step; ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params: list[Tensor] = []
+            grads: list[Tensor] = []
+            exp_avgs: list[Tensor] = []
+            exp_avg_sqs: list[Tensor] = []
+            steps: list[Tensor] = []
+            self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, steps)
+            if not params:
+                continue
+            beta1, beta2 = group["betas"]
+            adamp(
+                params, grads, exp_avgs, exp_avg_sqs, steps,
+                foreach=resolve_foreach(group["foreach"], group["capturable"], params),
+                capturable=group["capturable"], lr=group["lr"], beta1=beta1, beta2=beta2,
+                eps=group["eps"], weight_decay=group["weight_decay"], delta=group["delta"],
+                wd_ratio=group["wd_ratio"], nesterov=group["nesterov"],
+                maximize=group["maximize"], scale_invariant=group["scale_invariant"],
+            )
+        return loss
+
+
+def adamp(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    foreach: bool = False,
+    capturable: bool = False,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    delta: float,
+    wd_ratio: float,
+    nesterov: bool,
+    maximize: bool,
+    scale_invariant: ScaleInvariant = "auto",
+) -> None:
+    """Functional AdamP over lists of tensors (see :class:`AdamP` for the maths)."""
+    body = _multi_tensor_adamp if foreach else _single_tensor_adamp
+    body(
+        params, grads, exp_avgs, exp_avg_sqs, state_steps, capturable=capturable, lr=lr,
+        beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, delta=delta,
+        wd_ratio=wd_ratio, nesterov=nesterov, maximize=maximize, scale_invariant=scale_invariant,
+    )
+
+
+def _single_tensor_adamp(
+    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor], state_steps: list[Tensor], *, capturable: bool, lr: float,
+    beta1: float, beta2: float, eps: float, weight_decay: float, delta: float, wd_ratio: float,
+    nesterov: bool, maximize: bool, scale_invariant: ScaleInvariant,
+) -> None:
+    for param, grad, exp_avg, exp_avg_sq, step_t in zip(
+        params, grads, exp_avgs, exp_avg_sqs, state_steps
+    ):
+        if maximize:
+            grad = -grad
+        if torch.is_complex(param):
+            param, grad = torch.view_as_real(param), torch.view_as_real(grad)
+            exp_avg, exp_avg_sq = torch.view_as_real(exp_avg), torch.view_as_real(exp_avg_sq)
+
+        step_t += 1
+        step = step_value(step_t)
+        bias_correction1 = 1 - beta1**step
+        bias_correction2 = 1 - beta2**step
+
+        exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        denom = (exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(eps)
+        step_size = lr / bias_correction1
+
+        if nesterov:
+            perturb = (beta1 * exp_avg + (1 - beta1) * grad) / denom
+        else:
+            perturb = exp_avg / denom
+
+        ratio = 1.0
+        view = select_view(param, grad, scale_invariant, delta, eps)
+        if view is not None:
+            project_radial_(perturb, param, view, eps)
+            ratio = wd_ratio
+
+        if weight_decay != 0:
+            param.mul_(1 - lr * weight_decay * ratio)
+        param.add_(perturb, alpha=-step_size)
+
+
+def _multi_tensor_adamp(
+    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor], state_steps: list[Tensor], *, capturable: bool, lr: float,
+    beta1: float, beta2: float, eps: float, weight_decay: float, delta: float, wd_ratio: float,
+    nesterov: bool, maximize: bool, scale_invariant: ScaleInvariant,
+) -> None:
+    grouped = Optimizer._group_tensors_by_device_and_dtype(
+        [params, grads, exp_avgs, exp_avg_sqs, state_steps]  # type: ignore[list-item]
+    )
+    for (d_params, d_grads, d_exp_avgs, d_exp_avg_sqs, d_steps), _ in grouped.values():
+        d_params = [torch.view_as_real(p) if torch.is_complex(p) else p for p in d_params]
+        d_exp_avgs = [torch.view_as_real(m) if torch.is_complex(m) else m for m in d_exp_avgs]
+        d_exp_avg_sqs = [
+            torch.view_as_real(v) if torch.is_complex(v) else v for v in d_exp_avg_sqs
+        ]
+        if maximize:
+            d_grads = torch._foreach_neg(d_grads)
+        d_grads = [torch.view_as_real(g) if torch.is_complex(g) else g for g in d_grads]
+
+        torch._foreach_add_(d_steps, 1)
+        torch._foreach_mul_(d_exp_avgs, beta1)
+        torch._foreach_add_(d_exp_avgs, d_grads, alpha=1 - beta1)
+        torch._foreach_mul_(d_exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(d_exp_avg_sqs, d_grads, d_grads, value=1 - beta2)
+
+        denom = torch._foreach_sqrt(d_exp_avg_sqs)
+        if capturable:
+            bias_correction1 = torch._foreach_pow(beta1, d_steps)
+            torch._foreach_neg_(bias_correction1)
+            torch._foreach_add_(bias_correction1, 1)
+            bias_correction2 = torch._foreach_pow(beta2, d_steps)
+            torch._foreach_neg_(bias_correction2)
+            torch._foreach_add_(bias_correction2, 1)
+            torch._foreach_sqrt_(bias_correction2)
+            torch._foreach_div_(denom, bias_correction2)
+            step_sizes: list[Any] = torch._foreach_div(bias_correction1, lr)
+            torch._foreach_reciprocal_(step_sizes)
+        else:
+            step_counts = [step_value(s) for s in d_steps]
+            torch._foreach_div_(denom, [(1 - beta2**s) ** 0.5 for s in step_counts])
+            step_sizes = [lr / (1 - beta1**s) for s in step_counts]
+        torch._foreach_add_(denom, eps)
+
+        if nesterov:
+            perturb = torch._foreach_mul(d_exp_avgs, beta1)
+            torch._foreach_add_(perturb, d_grads, alpha=1 - beta1)
+            torch._foreach_div_(perturb, denom)
+        else:
+            perturb = torch._foreach_div(d_exp_avgs, denom)
+
+        # w <- w * (1 - lr wd r + step_size s) - step_size p: decay and projection in one pass.
+        plain_decay = 1 - lr * weight_decay
+        decay: list[Any] = [plain_decay] * len(d_params)
+        testable = [i for i, p in enumerate(d_params) if p.dim() >= 2]
+        if testable and scale_invariant is not False:
+            coefficients, projected = radial_coefficients(
+                [d_params[i] for i in testable], [d_grads[i] for i in testable],
+                [perturb[i] for i in testable],
+                scale_invariant=scale_invariant, delta=delta, eps=eps,
+            )
+            for i, coef, was_projected in zip(testable, coefficients, projected):
+                ratio = torch.where(was_projected, wd_ratio, 1.0)
+                decay[i] = (1 - lr * weight_decay * ratio) + step_sizes[i] * coef
+        for p, factor in zip(d_params, decay):
+            if isinstance(factor, Tensor):
+                p.mul_(factor)
+        plain = [p for p, factor in zip(d_params, decay) if not isinstance(factor, Tensor)]
+        if weight_decay != 0 and plain:
+            torch._foreach_mul_(plain, plain_decay)
+        torch._foreach_mul_(perturb, step_sizes)
+        torch._foreach_sub_(d_params, perturb)

@@ -1,0 +1,236 @@
+"""SGDP: SGD with momentum, with the radial part of the update removed on scale-invariant weights."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from scaleinv._common import check_grad, check_group_params, check_number, resolve_foreach
+from scaleinv.projection import (
+    ScaleInvariant,
+    project_radial_,
+    radial_coefficients,
+    select_view,
+    validate_scale_invariant,
+)
+
+__all__ = ["SGDP", "sgdp"]
+
+
+class SGDP(Optimizer):
+    r"""SGDP (Heo et al., ICLR 2021), numerically faithful to the official ``adamp`` 0.3.0.
+
+    Per tensor ``w`` with gradient ``g`` (the buffer starts at zero, unlike ``torch.optim.SGD``)::
+
+        buf = momentum buf + (1 - dampening) g
+        p = g + momentum buf if nesterov else buf
+        p, r = project(w, g, p)                  # r = wd_ratio if projected else 1
+        w = w (1 - lr weight_decay r / (1 - momentum)) - lr p
+
+    By default only the update is projected, as in the paper. The official code, without
+    nesterov, projects the momentum buffer itself in place (the stored buffer loses its radial
+    part too); ``project_momentum=True`` reproduces that exactly.
+
+    Args:
+        params: parameters or param groups.
+        lr: learning rate, ``>= 0`` (required).
+        momentum: momentum factor, in ``[0, 1)``.
+        dampening: dampening of the gradient in the buffer, in ``[0, 1]``.
+        weight_decay: decoupled weight decay, ``>= 0``.
+        nesterov: Nesterov momentum (needs ``momentum > 0`` and ``dampening == 0``).
+        eps: added to the norms of the cosine test and the projection, ``>= 0``.
+        delta: threshold of the cosine test, ``> 0``.
+        wd_ratio: weight-decay multiplier for projected tensors, in ``[0, 1]``.
+        project_momentum: also strip the radial part from the stored buffer (official quirk).
+        maximize: maximise the objective (``p.grad`` itself is left unchanged).
+        foreach: multi-tensor, sync-free body; ``None`` picks like ``torch.optim``.
+        scale_invariant: ``"auto"`` (cosine test), ``"channel"``, ``"layer"`` or ``False``.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float | Tensor,
+        momentum: float = 0,
+        dampening: float = 0,
+        weight_decay: float = 0,
+        nesterov: bool = False,
+        eps: float = 1e-8,
+        delta: float = 0.1,
+        wd_ratio: float = 0.1,
+        *,
+        project_momentum: bool = False,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        scale_invariant: ScaleInvariant = "auto",
+    ) -> None:
+        check_number("lr", lr, low=0.0)
+        check_number("momentum", momentum, low=0.0, high=1.0)
+        check_number("dampening", dampening, low=0.0, high=1.0, high_open=False)
+        check_number("weight_decay", weight_decay, low=0.0)
+        check_number("eps", eps, low=0.0)
+        check_number("delta", delta, low=0.0, low_open=True)
+        check_number("wd_ratio", wd_ratio, low=0.0, high=1.0, high_open=False)
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum > 0 and zero dampening")
+        validate_scale_invariant(scale_invariant)
+        defaults = dict(
+            lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+            nesterov=nesterov, eps=eps, delta=delta, wd_ratio=wd_ratio,
+            project_momentum=project_momentum, maximize=maximize, foreach=foreach,
+            scale_invariant=scale_invariant,
+        )
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        check_group_params(self.param_groups[-1])
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("project_momentum", False)
+            group.setdefault("maximize", False)
+            group.setdefault("foreach", None)
+            group.setdefault("scale_invariant", "auto")
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """Perform one optimisation step; ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params: list[Tensor] = []
+            grads: list[Tensor] = []
+            buffers: list[Tensor] = []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                check_grad(p, "SGDP")
+                state = self.state[p]
+                if len(state) == 0:
+                    state["momentum"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                params.append(p)
+                grads.append(p.grad)
+                buffers.append(state["momentum"])
+            if not params:
+                continue
+            sgdp(
+                params, grads, buffers,
+                foreach=resolve_foreach(group["foreach"], False, params),
+                lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"],
+                weight_decay=group["weight_decay"], nesterov=group["nesterov"],
+                eps=group["eps"], delta=group["delta"], wd_ratio=group["wd_ratio"],
+                project_momentum=group["project_momentum"], maximize=group["maximize"],
+                scale_invariant=group["scale_invariant"],
+            )
+        return loss
+
+
+def sgdp(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor],
+    *,
+    foreach: bool = False,
+    lr: float,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    eps: float,
+    delta: float,
+    wd_ratio: float,
+    project_momentum: bool = False,
+    maximize: bool = False,
+    scale_invariant: ScaleInvariant = "auto",
+) -> None:
+    """Functional SGDP over lists of tensors (see :class:`SGDP` for the maths)."""
+    body = _multi_tensor_sgdp if foreach else _single_tensor_sgdp
+    body(
+        params, grads, momentum_buffers, lr=lr, momentum=momentum, dampening=dampening,
+        weight_decay=weight_decay, nesterov=nesterov, eps=eps, delta=delta, wd_ratio=wd_ratio,
+        project_momentum=project_momentum, maximize=maximize, scale_invariant=scale_invariant,
+    )
+
+
+def _single_tensor_sgdp(
+    params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor], *, lr: float,
+    momentum: float, dampening: float, weight_decay: float, nesterov: bool, eps: float,
+    delta: float, wd_ratio: float, project_momentum: bool, maximize: bool,
+    scale_invariant: ScaleInvariant,
+) -> None:
+    for param, grad, buf in zip(params, grads, momentum_buffers):
+        if maximize:
+            grad = -grad
+        if torch.is_complex(param):
+            param, grad, buf = (torch.view_as_real(t) for t in (param, grad, buf))
+
+        buf.mul_(momentum).add_(grad, alpha=1 - dampening)
+        update = grad + momentum * buf if nesterov else buf
+
+        ratio = 1.0
+        view = select_view(param, grad, scale_invariant, delta, eps)
+        if view is not None:
+            if update is buf and not project_momentum:
+                update = buf.clone(memory_format=torch.preserve_format)
+            project_radial_(update, param, view, eps)
+            ratio = wd_ratio
+
+        if weight_decay != 0:
+            param.mul_(1 - lr * weight_decay * ratio / (1 - momentum))
+        param.add_(update, alpha=-lr)
+
+
+def _multi_tensor_sgdp(
+    params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor], *, lr: float,
+    momentum: float, dampening: float, weight_decay: float, nesterov: bool, eps: float,
+    delta: float, wd_ratio: float, project_momentum: bool, maximize: bool,
+    scale_invariant: ScaleInvariant,
+) -> None:
+    grouped = Optimizer._group_tensors_by_device_and_dtype(
+        [params, grads, momentum_buffers]  # type: ignore[list-item]
+    )
+    project_buffer = project_momentum and not nesterov
+    for (d_params, d_grads, d_bufs), _ in grouped.values():
+        if maximize:
+            d_grads = torch._foreach_neg(d_grads)
+        d_params, d_grads, d_bufs = (
+            [torch.view_as_real(t) if torch.is_complex(t) else t for t in tensors]
+            for tensors in (d_params, d_grads, d_bufs)
+        )
+
+        torch._foreach_mul_(d_bufs, momentum)
+        torch._foreach_add_(d_bufs, d_grads, alpha=1 - dampening)
+        updates = torch._foreach_add(d_grads, d_bufs, alpha=momentum) if nesterov else d_bufs
+
+        # w <- w * (1 - lr wd r / (1 - momentum) + lr s) - lr p: decay and projection in one pass.
+        plain_decay = 1 - lr * weight_decay / (1 - momentum)
+        decay: list[Any] = [plain_decay] * len(d_params)
+        testable = [i for i, p in enumerate(d_params) if p.dim() >= 2]
+        if testable and scale_invariant is not False:
+            coefficients, projected = radial_coefficients(
+                [d_params[i] for i in testable], [d_grads[i] for i in testable],
+                [updates[i] for i in testable],
+                scale_invariant=scale_invariant, delta=delta, eps=eps,
+            )
+            for i, coef, was_projected in zip(testable, coefficients, projected):
+                ratio = torch.where(was_projected, wd_ratio, 1.0)
+                decay[i] = 1 - lr * weight_decay * ratio / (1 - momentum)
+                if project_buffer:
+                    d_bufs[i].sub_(d_params[i] * coef)
+                else:
+                    decay[i] = decay[i] + lr * coef
+        for p, factor in zip(d_params, decay):
+            if isinstance(factor, Tensor):
+                p.mul_(factor)
+        plain = [p for p, factor in zip(d_params, decay) if not isinstance(factor, Tensor)]
+        if weight_decay != 0 and plain:
+            torch._foreach_mul_(plain, plain_decay)
+        torch._foreach_add_(d_params, updates, alpha=-lr)
