@@ -46,6 +46,32 @@ def check_group_params(group: dict[str, Any]) -> None:
                 )
 
 
+def check_new_group(param_groups: list[dict[str, Any]]) -> None:
+    """Check the group ``Optimizer.add_param_group`` just appended; drop it if it is refused."""
+    try:
+        check_group_params(param_groups[-1])
+    except ValueError:
+        param_groups.pop()
+        raise
+
+
+def with_current_options(
+    state_dict: dict[str, Any], param_groups: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """``state_dict`` whose saved groups take the keys they lack from ``param_groups``.
+
+    Checkpoints of ``adamp`` 0.3.0 carry none of our options (``foreach``, ``scale_invariant``,
+    ``project_momentum``, ...); loading one must not reset them to their defaults.
+    """
+    saved_groups = state_dict["param_groups"]
+    if len(saved_groups) != len(param_groups):
+        return state_dict  # torch.optim raises its own error
+    merged = [
+        {**current, **saved} for current, saved in zip(param_groups, saved_groups, strict=True)
+    ]
+    return {**state_dict, "param_groups": merged}
+
+
 def check_grad(p: Tensor, optimizer: str) -> None:
     if p.grad is not None and p.grad.is_sparse:
         raise RuntimeError(f"{optimizer} does not support sparse gradients")

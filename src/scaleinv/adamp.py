@@ -13,12 +13,14 @@ from torch.optim import Optimizer
 from scaleinv._common import (
     as_step_counter,
     check_grad,
-    check_group_params,
+    check_new_group,
     check_number,
     new_step_counter,
     resolve_foreach,
     step_value,
+    with_current_options,
 )
+from scaleinv.distributed import check_flat_shard, remember_params
 from scaleinv.projection import (
     ScaleInvariant,
     project_radial_,
@@ -57,6 +59,8 @@ class AdamP(Optimizer):
         foreach: multi-tensor, sync-free body; ``None`` picks like ``torch.optim``.
         capturable: keep step counters on the device so a step can be captured in a CUDA graph.
         scale_invariant: ``"auto"`` (cosine test), ``"channel"``, ``"layer"`` or ``False``.
+        allow_flat_params: step flat 1-D shards (FSDP1, DeepSpeed ZeRO) without projection, with
+            a warning, instead of refusing them; see ``docs/distributed.md``.
     """
 
     def __init__(
@@ -74,6 +78,7 @@ class AdamP(Optimizer):
         foreach: bool | None = None,
         capturable: bool = False,
         scale_invariant: ScaleInvariant = "auto",
+        allow_flat_params: bool = False,
     ) -> None:
         check_number("lr", lr, low=0.0)
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
@@ -89,12 +94,19 @@ class AdamP(Optimizer):
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, delta=delta,
             wd_ratio=wd_ratio, nesterov=nesterov, maximize=maximize, foreach=foreach,
             capturable=capturable, scale_invariant=scale_invariant,
+            allow_flat_params=allow_flat_params,
         )
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
-        check_group_params(self.param_groups[-1])
+        check_new_group(self.param_groups)
+        remember_params(self, self.param_groups[-1])
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load ``state_dict``; options it lacks (an ``adamp`` 0.3.0 checkpoint has none of ours)
+        keep the values this optimizer was built with."""
+        super().load_state_dict(with_current_options(state_dict, self.param_groups))
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -103,6 +115,7 @@ class AdamP(Optimizer):
             group.setdefault("foreach", None)
             group.setdefault("capturable", False)
             group.setdefault("scale_invariant", "auto")
+            group.setdefault("allow_flat_params", False)
             for p in group["params"]:
                 p_state = self.state.get(p, {})
                 if "step" in p_state:
@@ -118,6 +131,7 @@ class AdamP(Optimizer):
             check_grad(p, "AdamP")
             state = self.state[p]
             if len(state) == 0:
+                check_flat_shard(self, p, group)
                 state["step"] = new_step_counter(p, group["capturable"])
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)

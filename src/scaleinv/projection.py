@@ -17,14 +17,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Literal, Union
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from scaleinv.distributed import is_dtensor, rows_max
+
 View = Literal["channel", "layer"]
-ScaleInvariant = Union[Literal["auto", "channel", "layer"], bool]
+ScaleInvariant = Literal["auto", "channel", "layer"] | bool
 
 VIEWS: tuple[View, ...] = ("channel", "layer")
 SCALE_INVARIANT_CHOICES: tuple[object, ...] = ("auto", "channel", "layer", False)
@@ -78,7 +80,7 @@ def max_cosine(w: Tensor, g: Tensor, view: View, eps: float) -> Tensor:
     ``cos_i = <g_i, w_i> / (max(|g_i|, eps) * max(|w_i|, eps))``.
     """
     as_view = VIEW_FUNCTIONS[view]
-    return F.cosine_similarity(as_view(g), as_view(w), dim=1, eps=eps).abs_().max()
+    return rows_max(F.cosine_similarity(as_view(g), as_view(w), dim=1, eps=eps).abs_())
 
 
 def select_view(
@@ -95,6 +97,11 @@ def select_view(
         return None
     if scale_invariant != "auto":
         return scale_invariant  # type: ignore[return-value]
+    if is_dtensor(w):  # rows sharded across ranks: the layer view cannot be flattened locally
+        use_channel, use_layer = invariance_flags(
+            w, g, scale_invariant="auto", delta=delta, eps=eps
+        )
+        return "channel" if use_channel else "layer" if use_layer else None
     for view in VIEWS:
         if max_cosine(w, g, view, eps) < threshold(w, view, delta):
             return view
@@ -106,6 +113,11 @@ def project_radial_(update: Tensor, w: Tensor, view: View, eps: float) -> Tensor
 
     ``u_i = w_i / (|w_i| + eps)``, ``update_i <- update_i - u_i <u_i, update_i>``.
     """
+    if view == "layer" and is_dtensor(w):  # rows sharded: sum the row statistics instead
+        (coefficient,), _ = radial_coefficients(
+            [w], [w], [update], scale_invariant="layer", delta=1.0, eps=eps
+        )
+        return update.sub_(w * coefficient)
     as_view = VIEW_FUNCTIONS[view]
     expand = (-1,) + (1,) * (w.dim() - 1)
     unit = w / as_view(w).norm(dim=1).reshape(expand).add_(eps)
@@ -117,6 +129,40 @@ def _rowwise_dot(a: Tensor, b: Tensor) -> Tensor:
     return torch.linalg.vecdot(channel_view(a), channel_view(b))
 
 
+def invariance_flags(
+    w: Tensor,
+    g: Tensor,
+    *,
+    scale_invariant: ScaleInvariant,
+    delta: float,
+    eps: float,
+    ww: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Sync-free :func:`select_view` for one tensor with ``dim() >= 2``.
+
+    Returns 0-dim bools ``(use_channel, use_layer)``, at most one true: the annotation if one is
+    given (``False``: neither), else the cosine test (channel view first, then layer view).
+    ``ww``, the row-wise ``<w_i, w_i>`` of the channel view, saves a pass when the caller has it.
+    """
+    false = torch.zeros((), dtype=torch.bool, device=w.device)
+    if scale_invariant is False:
+        return false, false
+    if scale_invariant == "channel":
+        return ~false, false
+    if scale_invariant == "layer":
+        return false, ~false
+    if ww is None:
+        ww = _rowwise_dot(w, w)
+    gw = _rowwise_dot(g, w)
+    gg = _rowwise_dot(g, g)
+    w_norm, g_norm = ww.sqrt(), gg.sqrt()
+    channel_cos = gw.abs() / (g_norm.clamp_min(eps) * w_norm.clamp_min(eps))
+    layer_cos = gw.sum().abs() / (gg.sum().sqrt().clamp_min(eps) * ww.sum().sqrt().clamp_min(eps))
+    use_channel = rows_max(channel_cos) < threshold(w, "channel", delta)
+    use_layer = ~use_channel & (layer_cos < threshold(w, "layer", delta))
+    return use_channel, use_layer
+
+
 def radial_coefficients(
     weights: Sequence[Tensor],
     grads: Sequence[Tensor],
@@ -125,6 +171,7 @@ def radial_coefficients(
     scale_invariant: ScaleInvariant,
     delta: float,
     eps: float,
+    flags: Sequence[tuple[Tensor, Tensor]] | None = None,
 ) -> tuple[list[Tensor], list[Tensor]]:
     """Sync-free invariance test and projection coefficients for tensors with ``dim() >= 2``.
 
@@ -136,31 +183,23 @@ def radial_coefficients(
     * neither: ``s = 0``, ``projected = False``.
 
     The decision is a ``torch.where`` on the device; nothing is read back to the host.
+    ``flags``, one ``(use_channel, use_layer)`` pair per tensor from :func:`invariance_flags`,
+    replaces the test (``grads`` is then not read): a decision made before ``w`` changed.
     """
     coefficients: list[Tensor] = []
     projected: list[Tensor] = []
-    for w, g, p in zip(weights, grads, updates):
+    for i, (w, g, p) in enumerate(zip(weights, grads, updates, strict=True)):
         expand = (-1,) + (1,) * (w.dim() - 1)
         ww = _rowwise_dot(w, w)
         wp = _rowwise_dot(w, p)
         channel_coef = wp / (ww.sqrt() + eps).square()
         layer_coef = wp.sum() / (ww.sum().sqrt() + eps).square()
-        if scale_invariant == "channel":
-            use_channel = torch.ones((), dtype=torch.bool, device=w.device)
-            use_layer = torch.zeros_like(use_channel)
-        elif scale_invariant == "layer":
-            use_layer = torch.ones((), dtype=torch.bool, device=w.device)
-            use_channel = torch.zeros_like(use_layer)
+        if flags is not None:
+            use_channel, use_layer = flags[i]
         else:
-            gw = _rowwise_dot(g, w)
-            gg = _rowwise_dot(g, g)
-            w_norm, g_norm = ww.sqrt(), gg.sqrt()
-            channel_cos = gw.abs() / (g_norm.clamp_min(eps) * w_norm.clamp_min(eps))
-            layer_cos = gw.sum().abs() / (
-                gg.sum().sqrt().clamp_min(eps) * ww.sum().sqrt().clamp_min(eps)
+            use_channel, use_layer = invariance_flags(
+                w, g, scale_invariant=scale_invariant, delta=delta, eps=eps, ww=ww
             )
-            use_channel = channel_cos.amax() < threshold(w, "channel", delta)
-            use_layer = ~use_channel & (layer_cos < threshold(w, "layer", delta))
         zero = torch.zeros((), dtype=channel_coef.dtype, device=w.device)
         coef = torch.where(use_channel, channel_coef, torch.where(use_layer, layer_coef, zero))
         coefficients.append(coef.reshape(expand))

@@ -9,7 +9,14 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from scaleinv._common import check_grad, check_group_params, check_number, resolve_foreach
+from scaleinv._common import (
+    check_grad,
+    check_new_group,
+    check_number,
+    resolve_foreach,
+    with_current_options,
+)
+from scaleinv.distributed import check_flat_shard, remember_params
 from scaleinv.projection import (
     ScaleInvariant,
     project_radial_,
@@ -49,6 +56,8 @@ class SGDP(Optimizer):
         maximize: maximise the objective (``p.grad`` itself is left unchanged).
         foreach: multi-tensor, sync-free body; ``None`` picks like ``torch.optim``.
         scale_invariant: ``"auto"`` (cosine test), ``"channel"``, ``"layer"`` or ``False``.
+        allow_flat_params: step flat 1-D shards (FSDP1, DeepSpeed ZeRO) without projection, with
+            a warning, instead of refusing them; see ``docs/distributed.md``.
     """
 
     def __init__(
@@ -67,6 +76,7 @@ class SGDP(Optimizer):
         maximize: bool = False,
         foreach: bool | None = None,
         scale_invariant: ScaleInvariant = "auto",
+        allow_flat_params: bool = False,
     ) -> None:
         check_number("lr", lr, low=0.0)
         check_number("momentum", momentum, low=0.0, high=1.0)
@@ -82,13 +92,19 @@ class SGDP(Optimizer):
             lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
             nesterov=nesterov, eps=eps, delta=delta, wd_ratio=wd_ratio,
             project_momentum=project_momentum, maximize=maximize, foreach=foreach,
-            scale_invariant=scale_invariant,
+            scale_invariant=scale_invariant, allow_flat_params=allow_flat_params,
         )
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
-        check_group_params(self.param_groups[-1])
+        check_new_group(self.param_groups)
+        remember_params(self, self.param_groups[-1])
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load ``state_dict``; options it lacks (an ``adamp`` 0.3.0 checkpoint has none of ours)
+        keep the values this optimizer was built with."""
+        super().load_state_dict(with_current_options(state_dict, self.param_groups))
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -97,6 +113,7 @@ class SGDP(Optimizer):
             group.setdefault("maximize", False)
             group.setdefault("foreach", None)
             group.setdefault("scale_invariant", "auto")
+            group.setdefault("allow_flat_params", False)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -115,6 +132,7 @@ class SGDP(Optimizer):
                 check_grad(p, "SGDP")
                 state = self.state[p]
                 if len(state) == 0:
+                    check_flat_shard(self, p, group)
                     state["momentum"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 params.append(p)
                 grads.append(p.grad)
