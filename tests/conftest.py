@@ -1,0 +1,22 @@
+"""Shared test settings: one thread (the test machines are small and shared) and seeded
+hypothesis profiles: ``scaleinv`` (the default) and ``scaleinv-noshrink`` (report the first
+failing example at once; for debugging: ``pytest --hypothesis-profile=scaleinv-noshrink``)."""
+
+import torch
+from hypothesis import HealthCheck, Phase, settings
+
+torch.set_num_threads(1)
+
+settings.register_profile(
+    "scaleinv",
+    derandomize=True,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile(
+    "scaleinv-noshrink",
+    parent=settings.get_profile("scaleinv"),
+    phases=[Phase.explicit, Phase.reuse, Phase.generate],
+)
+settings.load_profile("scaleinv")
