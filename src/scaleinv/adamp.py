@@ -58,6 +58,8 @@ class AdamP(Optimizer):
         maximize: maximise the objective (``p.grad`` itself is left unchanged).
         foreach: multi-tensor, sync-free body; ``None`` picks like ``torch.optim``.
         capturable: keep step counters on the device so a step can be captured in a CUDA graph.
+        fused: the fused path (:mod:`scaleinv.fused`: C kernels on CPU, compiled kernels
+            elsewhere); ``None`` means ``False``. Not with ``foreach=True``.
         scale_invariant: ``"auto"`` (cosine test), ``"channel"``, ``"layer"`` or ``False``.
         allow_flat_params: step flat 1-D shards (FSDP1, DeepSpeed ZeRO) without projection, with
             a warning, instead of refusing them; see ``docs/distributed.md``.
@@ -79,6 +81,7 @@ class AdamP(Optimizer):
         capturable: bool = False,
         scale_invariant: ScaleInvariant = "auto",
         allow_flat_params: bool = False,
+        fused: bool | None = None,
     ) -> None:
         check_number("lr", lr, low=0.0)
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
@@ -90,11 +93,17 @@ class AdamP(Optimizer):
         check_number("delta", delta, low=0.0, low_open=True)
         check_number("wd_ratio", wd_ratio, low=0.0, high=1.0, high_open=False)
         validate_scale_invariant(scale_invariant)
+        if capturable and foreach is False:
+            raise ValueError(
+                "capturable=True needs the sync-free multi-tensor body: pass foreach=True or None"
+            )
+        if fused and foreach:
+            raise ValueError("fused=True and foreach=True cannot be used together")
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, delta=delta,
             wd_ratio=wd_ratio, nesterov=nesterov, maximize=maximize, foreach=foreach,
             capturable=capturable, scale_invariant=scale_invariant,
-            allow_flat_params=allow_flat_params,
+            allow_flat_params=allow_flat_params, fused=fused,
         )
         super().__init__(params, defaults)
 
@@ -114,6 +123,7 @@ class AdamP(Optimizer):
             group.setdefault("maximize", False)
             group.setdefault("foreach", None)
             group.setdefault("capturable", False)
+            group.setdefault("fused", None)
             group.setdefault("scale_invariant", "auto")
             group.setdefault("allow_flat_params", False)
             for p in group["params"]:
@@ -143,7 +153,7 @@ class AdamP(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        """Perform one optimisation step; ``closure`` re-evaluates the model and returns the loss."""
+        """Perform one optimisation step; ``closure`` re-evaluates the model, returns the loss."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -165,6 +175,7 @@ class AdamP(Optimizer):
                 eps=group["eps"], weight_decay=group["weight_decay"], delta=group["delta"],
                 wd_ratio=group["wd_ratio"], nesterov=group["nesterov"],
                 maximize=group["maximize"], scale_invariant=group["scale_invariant"],
+                fused=group["fused"],
             )
         return loss
 
@@ -188,9 +199,12 @@ def adamp(
     nesterov: bool,
     maximize: bool,
     scale_invariant: ScaleInvariant = "auto",
+    fused: bool | None = None,
 ) -> None:
     """Functional AdamP over lists of tensors (see :class:`AdamP` for the maths)."""
     body = _multi_tensor_adamp if foreach else _single_tensor_adamp
+    if fused:
+        from scaleinv.fused import fused_adamp as body
     body(
         params, grads, exp_avgs, exp_avg_sqs, state_steps, capturable=capturable, lr=lr,
         beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, delta=delta,
@@ -205,7 +219,7 @@ def _single_tensor_adamp(
     nesterov: bool, maximize: bool, scale_invariant: ScaleInvariant,
 ) -> None:
     for param, grad, exp_avg, exp_avg_sq, step_t in zip(
-        params, grads, exp_avgs, exp_avg_sqs, state_steps
+        params, grads, exp_avgs, exp_avg_sqs, state_steps, strict=True
     ):
         if maximize:
             grad = -grad
@@ -299,13 +313,15 @@ def _multi_tensor_adamp(
                 [perturb[i] for i in testable],
                 scale_invariant=scale_invariant, delta=delta, eps=eps,
             )
-            for i, coef, was_projected in zip(testable, coefficients, projected):
+            for i, coef, was_projected in zip(testable, coefficients, projected, strict=True):
                 ratio = torch.where(was_projected, wd_ratio, 1.0)
                 decay[i] = (1 - lr * weight_decay * ratio) + step_sizes[i] * coef
-        for p, factor in zip(d_params, decay):
+        for p, factor in zip(d_params, decay, strict=True):
             if isinstance(factor, Tensor):
                 p.mul_(factor)
-        plain = [p for p, factor in zip(d_params, decay) if not isinstance(factor, Tensor)]
+        plain = [
+            p for p, factor in zip(d_params, decay, strict=True) if not isinstance(factor, Tensor)
+        ]
         if weight_decay != 0 and plain:
             torch._foreach_mul_(plain, plain_decay)
         torch._foreach_mul_(perturb, step_sizes)

@@ -1,4 +1,4 @@
-"""SGDP: SGD with momentum, with the radial part of the update removed on scale-invariant weights."""
+"""SGDP: SGD with momentum, minus the radial part of the update on scale-invariant weights."""
 
 from __future__ import annotations
 
@@ -55,6 +55,8 @@ class SGDP(Optimizer):
         project_momentum: also strip the radial part from the stored buffer (official quirk).
         maximize: maximise the objective (``p.grad`` itself is left unchanged).
         foreach: multi-tensor, sync-free body; ``None`` picks like ``torch.optim``.
+        fused: the fused path (:mod:`scaleinv.fused`: C kernels on CPU, compiled kernels
+            elsewhere); ``None`` means ``False``. Not with ``foreach=True``.
         scale_invariant: ``"auto"`` (cosine test), ``"channel"``, ``"layer"`` or ``False``.
         allow_flat_params: step flat 1-D shards (FSDP1, DeepSpeed ZeRO) without projection, with
             a warning, instead of refusing them; see ``docs/distributed.md``.
@@ -77,6 +79,7 @@ class SGDP(Optimizer):
         foreach: bool | None = None,
         scale_invariant: ScaleInvariant = "auto",
         allow_flat_params: bool = False,
+        fused: bool | None = None,
     ) -> None:
         check_number("lr", lr, low=0.0)
         check_number("momentum", momentum, low=0.0, high=1.0)
@@ -88,11 +91,13 @@ class SGDP(Optimizer):
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum > 0 and zero dampening")
         validate_scale_invariant(scale_invariant)
+        if fused and foreach:
+            raise ValueError("fused=True and foreach=True cannot be used together")
         defaults = dict(
             lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
             nesterov=nesterov, eps=eps, delta=delta, wd_ratio=wd_ratio,
             project_momentum=project_momentum, maximize=maximize, foreach=foreach,
-            scale_invariant=scale_invariant, allow_flat_params=allow_flat_params,
+            scale_invariant=scale_invariant, allow_flat_params=allow_flat_params, fused=fused,
         )
         super().__init__(params, defaults)
 
@@ -112,12 +117,13 @@ class SGDP(Optimizer):
             group.setdefault("project_momentum", False)
             group.setdefault("maximize", False)
             group.setdefault("foreach", None)
+            group.setdefault("fused", None)
             group.setdefault("scale_invariant", "auto")
             group.setdefault("allow_flat_params", False)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        """Perform one optimisation step; ``closure`` re-evaluates the model and returns the loss."""
+        """Perform one optimisation step; ``closure`` re-evaluates the model, returns the loss."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -146,7 +152,7 @@ class SGDP(Optimizer):
                 weight_decay=group["weight_decay"], nesterov=group["nesterov"],
                 eps=group["eps"], delta=group["delta"], wd_ratio=group["wd_ratio"],
                 project_momentum=group["project_momentum"], maximize=group["maximize"],
-                scale_invariant=group["scale_invariant"],
+                scale_invariant=group["scale_invariant"], fused=group["fused"],
             )
         return loss
 
@@ -168,9 +174,12 @@ def sgdp(
     project_momentum: bool = False,
     maximize: bool = False,
     scale_invariant: ScaleInvariant = "auto",
+    fused: bool | None = None,
 ) -> None:
     """Functional SGDP over lists of tensors (see :class:`SGDP` for the maths)."""
     body = _multi_tensor_sgdp if foreach else _single_tensor_sgdp
+    if fused:
+        from scaleinv.fused import fused_sgdp as body
     body(
         params, grads, momentum_buffers, lr=lr, momentum=momentum, dampening=dampening,
         weight_decay=weight_decay, nesterov=nesterov, eps=eps, delta=delta, wd_ratio=wd_ratio,
@@ -184,7 +193,7 @@ def _single_tensor_sgdp(
     delta: float, wd_ratio: float, project_momentum: bool, maximize: bool,
     scale_invariant: ScaleInvariant,
 ) -> None:
-    for param, grad, buf in zip(params, grads, momentum_buffers):
+    for param, grad, buf in zip(params, grads, momentum_buffers, strict=True):
         if maximize:
             grad = -grad
         if torch.is_complex(param):
@@ -238,17 +247,19 @@ def _multi_tensor_sgdp(
                 [updates[i] for i in testable],
                 scale_invariant=scale_invariant, delta=delta, eps=eps,
             )
-            for i, coef, was_projected in zip(testable, coefficients, projected):
+            for i, coef, was_projected in zip(testable, coefficients, projected, strict=True):
                 ratio = torch.where(was_projected, wd_ratio, 1.0)
                 decay[i] = 1 - lr * weight_decay * ratio / (1 - momentum)
                 if project_buffer:
                     d_bufs[i].sub_(d_params[i] * coef)
                 else:
                     decay[i] = decay[i] + lr * coef
-        for p, factor in zip(d_params, decay):
+        for p, factor in zip(d_params, decay, strict=True):
             if isinstance(factor, Tensor):
                 p.mul_(factor)
-        plain = [p for p, factor in zip(d_params, decay) if not isinstance(factor, Tensor)]
+        plain = [
+            p for p, factor in zip(d_params, decay, strict=True) if not isinstance(factor, Tensor)
+        ]
         if weight_decay != 0 and plain:
             torch._foreach_mul_(plain, plain_decay)
         torch._foreach_add_(d_params, updates, alpha=-lr)
