@@ -1,8 +1,12 @@
-"""scaleinv: momentum optimizers that behave on scale-invariant weights (SGDP, AdamP)."""
+"""scaleinv: momentum optimizers that behave on scale-invariant weights (SGDP, AdamP).
 
-from scaleinv.adamp import AdamP, adamp
-from scaleinv.sgdp import SGDP, sgdp
+The functional forms live beside their classes, as in ``torch.optim``:
+``scaleinv.adamp.adamp`` and ``scaleinv.sgdp.sgdp``.
+"""
+
+from scaleinv.adamp import AdamP
+from scaleinv.sgdp import SGDP
 from scaleinv.wrap import project
 
-__all__ = ["AdamP", "SGDP", "adamp", "project", "sgdp"]
+__all__ = ["AdamP", "SGDP", "project"]
 __version__ = "0.1.0"
