@@ -1,0 +1,260 @@
+"""Training runs and the comparison loop behind ``scaleinv compare``.
+
+Every optimizer of a comparison trains from the same initial weights (the global RNG is seeded
+with the run's seed right before the model is built) and sees the same batches in the same order
+(drawn from a ``torch.Generator`` seeded with the same seed). Each finished run is appended to
+``runs.jsonl`` and the summary files are rewritten at once, so an interrupted comparison keeps
+every run that finished.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from scaleinv.experiments.optimizers import make_optimizer
+from scaleinv.experiments.tasks import Batch, Task, get_task
+
+__all__ = [
+    "CompareConfig",
+    "EpochStats",
+    "RunResult",
+    "compare",
+    "lr_factor",
+    "scale_invariant_names",
+    "train_run",
+]
+
+
+@dataclass
+class EpochStats:
+    """What one epoch of one run ended with."""
+
+    epoch: int
+    step: int
+    train_loss: float
+    metric: float
+    norm_ratio: float
+    effective_step: float
+    seconds: float
+
+
+@dataclass
+class RunResult:
+    """One optimizer, one seed: the final numbers and the per-epoch history.
+
+    ``norm_ratio`` is the mean over scale-invariant tensors of ``|w_T| / |w_0|``;
+    ``effective_step`` is the monitor's effective step ``|w_{t+1} - w_t| / |w_t|`` averaged over
+    those tensors and all recorded steps; ``projected_fraction`` is the share of those records
+    where the optimizer removed the radial part (NaN for an optimizer without projection).
+    """
+
+    task: str
+    optimizer: str
+    seed: int
+    epochs: int
+    metric: float
+    norm_ratio: float
+    effective_step: float
+    projected_fraction: float
+    wall_time: float
+    diverged: bool
+    history: list[EpochStats] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def lr_factor(step: int, total_steps: int, warmup_fraction: float) -> float:
+    """Learning-rate multiplier at ``step``: linear warm-up, then a cosine decay to zero.
+
+    ``f = (step + 1) / W`` for ``step < W = warmup_fraction * total``, then
+    ``f = (1 + cos(pi (step - W) / (total - W))) / 2``.
+    """
+    warmup = int(warmup_fraction * total_steps)
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def scale_invariant_names(task: Task, data: Any) -> dict[str, str]:
+    """Parameter names of the task's model that the inspector finds scale-invariant, with their
+    kind (``"channel"`` or ``"layer"``). Inspects a throwaway copy of the model."""
+    from scaleinv.inspect import find_scale_invariant
+
+    model = task.build_model(data)
+    found = find_scale_invariant(model, task.example_inputs(data))
+    return {
+        name: str(getattr(kind, "value", kind))
+        for name, kind in found.items()
+        if str(getattr(kind, "value", kind)) in ("channel", "layer")
+    }
+
+
+def _norms(model: nn.Module, names: Iterable[str]) -> dict[str, float]:
+    params = dict(model.named_parameters())
+    return {name: params[name].detach().norm().item() for name in names}
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
+
+
+def _to_device(batch: Batch, device: torch.device) -> Batch:
+    return tuple(t.to(device, non_blocking=True) for t in batch)
+
+
+def train_run(
+    task: Task,
+    data: Any,
+    optimizer_name: str,
+    seed: int,
+    *,
+    epochs: int,
+    invariant: dict[str, str],
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+    monitor_every: int = 1,
+) -> tuple[RunResult, list[dict[str, Any]]]:
+    """Train ``task``'s model with ``optimizer_name`` from seed ``seed``.
+
+    Returns the run's result and the monitor's records of the scale-invariant tensors.
+    """
+    from scaleinv.monitor import StepSizeMonitor
+
+    device = torch.device(device)
+    torch.manual_seed(seed)
+    model = task.build_model(data).to(device)
+    initial = _norms(model, invariant)
+    optimizer = make_optimizer(optimizer_name, model.parameters(), task.settings)
+    base_lrs = [group["lr"] for group in optimizer.param_groups]
+    monitor = StepSizeMonitor(model, optimizer, every=monitor_every, invariance=invariant)
+    generator = torch.Generator().manual_seed(seed)
+    steps_per_epoch = task.steps_per_epoch(data)
+    total_steps = epochs * steps_per_epoch
+
+    history: list[EpochStats] = []
+    step, seen_records, diverged = 0, 0, False
+    started = time.perf_counter()
+    bar = tqdm(total=total_steps, desc=f"{task.name} {optimizer_name} seed {seed}",
+               disable=not progress, leave=True, dynamic_ncols=True)
+    try:
+        for epoch in range(1, epochs + 1):
+            model.train()
+            losses = []
+            for batch in task.batches(data, generator):
+                factor = lr_factor(step, total_steps, task.warmup_fraction)
+                for group, base_lr in zip(optimizer.param_groups, base_lrs, strict=True):
+                    group["lr"] = base_lr * factor
+                loss = task.loss(model, _to_device(batch, device))
+                if not torch.isfinite(loss):
+                    diverged = True
+                    break
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                losses.append(loss.item())
+                step += 1
+                bar.update(1)
+            new_records = [r for r in monitor.records[seen_records:] if r["name"] in invariant]
+            seen_records = len(monitor.records)
+            metric = math.nan if diverged else task.evaluate(model, data, device)
+            norms = _norms(model, invariant)
+            history.append(EpochStats(
+                epoch=epoch, step=step, train_loss=_mean(losses), metric=metric,
+                norm_ratio=_mean([norms[n] / initial[n] for n in invariant]),
+                effective_step=_mean([float(r["effective_step"]) for r in new_records]),
+                seconds=time.perf_counter() - started,
+            ))
+            bar.set_postfix(loss=f"{history[-1].train_loss:.3f}", metric=f"{metric:.3f}")
+            if diverged:
+                break
+    finally:
+        bar.close()
+        monitor.close()
+
+    records = [r for r in monitor.records if r["name"] in invariant]
+    result = RunResult(
+        task=task.name, optimizer=optimizer_name, seed=seed, epochs=epochs,
+        metric=history[-1].metric if history else math.nan,
+        norm_ratio=history[-1].norm_ratio if history else math.nan,
+        effective_step=_mean([float(r["effective_step"]) for r in records]),
+        projected_fraction=_mean(
+            [float(r["projected"]) for r in records if r["projected"] is not None]
+        ),
+        wall_time=time.perf_counter() - started, diverged=diverged, history=history,
+    )
+    return result, records
+
+
+@dataclass
+class CompareConfig:
+    """What ``scaleinv compare`` runs: one task, several optimizers, seeds ``0 .. seeds-1``."""
+
+    task: str
+    optimizers: tuple[str, ...]
+    seeds: int = 3
+    epochs: int | None = None
+    device: str = "cpu"
+    out: Path = Path("scaleinv-runs")
+    progress: bool = True
+    small: bool = False
+    monitor_every: int = 5
+
+
+def compare(
+    config: CompareConfig,
+    on_result: Callable[[RunResult], None] | None = None,
+) -> list[RunResult]:
+    """Run every (seed, optimizer) of ``config`` and write the results into ``config.out``.
+
+    Seeds are the outer loop, so an interrupted comparison still compares every optimizer on
+    the seeds it finished. ``KeyboardInterrupt`` is re-raised after the partial summary is
+    written.
+    """
+    from scaleinv.experiments import report
+
+    task = get_task(config.task)
+    epochs = config.epochs if config.epochs is not None else task.epochs
+    data = task.load(small=config.small)
+    invariant = scale_invariant_names(task, data)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs_file = out / "runs.jsonl"
+    runs_file.write_text("")
+    meta = report.Metadata.collect(task, config.optimizers, config.seeds, epochs, config.device,
+                                   invariant)
+    results: list[RunResult] = []
+    step_logs: dict[str, list[dict[str, Any]]] = {}
+    complete = False
+    try:
+        for seed in range(config.seeds):
+            for name in config.optimizers:
+                result, records = train_run(
+                    task, data, name, seed, epochs=epochs, invariant=invariant,
+                    device=config.device, progress=config.progress,
+                    monitor_every=config.monitor_every,
+                )
+                results.append(result)
+                if seed == 0:
+                    step_logs[name] = records
+                with runs_file.open("a") as stream:
+                    stream.write(json.dumps(result.to_json()) + "\n")
+                report.write_tables(out, task, results, meta, complete=False)
+                if on_result is not None:
+                    on_result(result)
+        complete = True
+    finally:
+        report.write_tables(out, task, results, meta, complete=complete)
+        report.write_figures(out, task, results, step_logs)
+    return results
