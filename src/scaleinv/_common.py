@@ -7,8 +7,10 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.optim import Optimizer
 from torch.optim.optimizer import _default_to_fused_or_foreach
 
+from scaleinv.distributed import remember_params
 from scaleinv.projection import validate_scale_invariant
 
 
@@ -113,3 +115,29 @@ def step_value(step: Tensor) -> float | Tensor:
     if torch.compiler.is_compiling():
         return step
     return step.item()
+
+
+class ProjectingOptimizer(Optimizer):
+    """Plumbing shared by AdamP and SGDP: group checks, checkpoint loading, option defaults.
+
+    ``option_defaults`` lists the group options beyond ``adamp`` 0.3.0, filled in when an
+    older pickle or checkpoint lacks them.
+    """
+
+    option_defaults: dict[str, Any] = {}
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        check_new_group(self.param_groups)
+        remember_params(self, self.param_groups[-1])
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load ``state_dict``; options it lacks (an ``adamp`` 0.3.0 checkpoint has none of ours)
+        keep the values this optimizer was built with."""
+        super().load_state_dict(with_current_options(state_dict, self.param_groups))
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in self.option_defaults.items():
+                group.setdefault(key, value)

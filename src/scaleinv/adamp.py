@@ -11,16 +11,15 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from scaleinv._common import (
+    ProjectingOptimizer,
     as_step_counter,
     check_grad,
-    check_new_group,
     check_number,
     new_step_counter,
     resolve_foreach,
     step_value,
-    with_current_options,
 )
-from scaleinv.distributed import check_flat_shard, remember_params
+from scaleinv.distributed import check_flat_shard
 from scaleinv.projection import (
     ScaleInvariant,
     project_radial_,
@@ -32,7 +31,7 @@ from scaleinv.projection import (
 __all__ = ["AdamP", "adamp"]
 
 
-class AdamP(Optimizer):
+class AdamP(ProjectingOptimizer):
     r"""AdamP (Heo et al., ICLR 2021), numerically faithful to the official ``adamp`` 0.3.0.
 
     Per tensor ``w`` with gradient ``g``::
@@ -64,6 +63,11 @@ class AdamP(Optimizer):
         allow_flat_params: step flat 1-D shards (FSDP1, DeepSpeed ZeRO) without projection, with
             a warning, instead of refusing them; see ``docs/distributed.md``.
     """
+
+    option_defaults: dict[str, Any] = dict(
+        maximize=False, foreach=None, capturable=False, fused=None, scale_invariant="auto",
+        allow_flat_params=False,
+    )
 
     def __init__(
         self,
@@ -107,25 +111,9 @@ class AdamP(Optimizer):
         )
         super().__init__(params, defaults)
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
-        check_new_group(self.param_groups)
-        remember_params(self, self.param_groups[-1])
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load ``state_dict``; options it lacks (an ``adamp`` 0.3.0 checkpoint has none of ours)
-        keep the values this optimizer was built with."""
-        super().load_state_dict(with_current_options(state_dict, self.param_groups))
-
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         for group in self.param_groups:
-            group.setdefault("maximize", False)
-            group.setdefault("foreach", None)
-            group.setdefault("capturable", False)
-            group.setdefault("fused", None)
-            group.setdefault("scale_invariant", "auto")
-            group.setdefault("allow_flat_params", False)
             for p in group["params"]:
                 p_state = self.state.get(p, {})
                 if "step" in p_state:
