@@ -59,6 +59,8 @@ OPTIMIZERS: dict[str, tuple[Callable[..., Any], dict[str, Any]]] = {
     "adamp": (AdamP, dict(lr=1e-2, weight_decay=1e-2)),
     "sgdp": (SGDP, dict(lr=0.1, momentum=0.9, weight_decay=1e-3)),
     "project_adamw": (projected_adamw, dict(lr=1e-2, weight_decay=1e-2)),
+    "adamp_fused": (AdamP, dict(lr=1e-2, weight_decay=1e-2, fused=True)),
+    "sgdp_fused": (SGDP, dict(lr=0.1, momentum=0.9, weight_decay=1e-3, fused=True)),
 }
 MODES = ("auto", "channel")
 FOREACH = (False, True)
@@ -68,12 +70,15 @@ def training_cases() -> list[str]:
     """Names ``strategy/model/optimizer/mode/foreach=...`` of every training case.
 
     ``hsdp`` (FSDP2 on a 1 x 2 mesh: placements ``(Replicate(), Shard(0))``) runs AdamP ``auto``
-    only: what it adds is a second mesh dimension, not another optimizer.
+    only: what it adds is a second mesh dimension, not another optimizer. The ``*_fused``
+    optimizers run with ``foreach=False`` only (the two options exclude each other); under FSDP2
+    their DTensor shards take the multi-tensor body, elsewhere the fused kernels.
     """
     return [
         f"{s}/{m}/{o}/{mode}/foreach={f}"
         for s in STRATEGIES for m in MODELS for o in OPTIMIZERS for mode in MODES for f in FOREACH
-        if s != "hsdp" or (o, mode) == ("adamp", "auto")
+        if (s != "hsdp" or (o, mode) == ("adamp", "auto"))
+        and not (o.endswith("_fused") and f)  # fused excludes foreach
     ]
 
 
