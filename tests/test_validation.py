@@ -57,6 +57,26 @@ def test_sgdp_rejects_bad_hyperparameters(kwargs, name, allowed) -> None:
     assert name in str(error.value) and allowed in str(error.value)
 
 
+@pytest.mark.parametrize(
+    ("cls", "kwargs", "name", "allowed"),
+    [(AdamP, *case) for case in BAD_ADAMP] + [(SGDP, *case) for case in BAD_SGDP],
+)
+def test_param_group_hyperparameters_are_checked_too(cls, kwargs, name, allowed) -> None:
+    """A bad value given in a param group, at construction or via add_param_group, is refused
+    like the constructor's, and a refused group is not kept."""
+    defaults = {"lr": 0.1} if cls is SGDP else {}
+    weight, bias = params()
+    with pytest.raises(ValueError) as error:
+        cls([{"params": [weight], **kwargs}], **defaults)
+    assert name in str(error.value) and allowed in str(error.value)
+    optimizer = cls([weight], **defaults)
+    with pytest.raises(ValueError):
+        optimizer.add_param_group({"params": [bias], **kwargs})
+    assert len(optimizer.param_groups) == 1
+    optimizer.add_param_group({"params": [bias]})
+    assert len(optimizer.param_groups) == 2
+
+
 @pytest.mark.parametrize("cls", [AdamP, SGDP])
 def test_non_numbers_are_type_errors(cls) -> None:
     with pytest.raises(TypeError, match="lr"):

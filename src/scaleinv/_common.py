@@ -48,15 +48,6 @@ def check_group_params(group: dict[str, Any]) -> None:
                 )
 
 
-def check_new_group(param_groups: list[dict[str, Any]]) -> None:
-    """Check the group ``Optimizer.add_param_group`` just appended; drop it if it is refused."""
-    try:
-        check_group_params(param_groups[-1])
-    except ValueError:
-        param_groups.pop()
-        raise
-
-
 def with_current_options(
     state_dict: dict[str, Any], param_groups: list[dict[str, Any]]
 ) -> dict[str, Any]:
@@ -126,9 +117,21 @@ class ProjectingOptimizer(Optimizer):
 
     option_defaults: dict[str, Any] = {}
 
+    @staticmethod
+    def check_hyperparameters(options: dict[str, Any]) -> None:
+        """Raise ``ValueError``/``TypeError`` for a hyperparameter out of its range."""
+        raise NotImplementedError
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group; its hyperparameters are checked like the constructor's, and a refused
+        group is not kept."""
         super().add_param_group(param_group)
-        check_new_group(self.param_groups)
+        try:
+            self.check_hyperparameters(self.param_groups[-1])
+            check_group_params(self.param_groups[-1])
+        except (TypeError, ValueError):
+            self.param_groups.pop()
+            raise
         remember_params(self, self.param_groups[-1])
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

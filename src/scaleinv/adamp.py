@@ -87,29 +87,35 @@ class AdamP(ProjectingOptimizer):
         allow_flat_params: bool = False,
         fused: bool | None = None,
     ) -> None:
-        check_number("lr", lr, low=0.0)
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise ValueError(f"Invalid betas: {betas!r}; expected a pair (beta1, beta2)")
-        check_number("betas[0]", betas[0], low=0.0, high=1.0)
-        check_number("betas[1]", betas[1], low=0.0, high=1.0)
-        check_number("eps", eps, low=0.0)
-        check_number("weight_decay", weight_decay, low=0.0)
-        check_number("delta", delta, low=0.0, low_open=True)
-        check_number("wd_ratio", wd_ratio, low=0.0, high=1.0, high_open=False)
-        validate_scale_invariant(scale_invariant)
-        if capturable and foreach is False:
-            raise ValueError(
-                "capturable=True needs the sync-free multi-tensor body: pass foreach=True or None"
-            )
-        if fused and foreach:
-            raise ValueError("fused=True and foreach=True cannot be used together")
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, delta=delta,
             wd_ratio=wd_ratio, nesterov=nesterov, maximize=maximize, foreach=foreach,
             capturable=capturable, scale_invariant=scale_invariant,
             allow_flat_params=allow_flat_params, fused=fused,
         )
+        self.check_hyperparameters(defaults)
         super().__init__(params, defaults)
+
+    @staticmethod
+    def check_hyperparameters(options: dict[str, Any]) -> None:
+        """Raise ``ValueError``/``TypeError`` for a hyperparameter out of its range."""
+        check_number("lr", options["lr"], low=0.0)
+        betas = options["betas"]
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"Invalid betas: {betas!r}; expected a pair (beta1, beta2)")
+        check_number("betas[0]", betas[0], low=0.0, high=1.0)
+        check_number("betas[1]", betas[1], low=0.0, high=1.0)
+        check_number("eps", options["eps"], low=0.0)
+        check_number("weight_decay", options["weight_decay"], low=0.0)
+        check_number("delta", options["delta"], low=0.0, low_open=True)
+        check_number("wd_ratio", options["wd_ratio"], low=0.0, high=1.0, high_open=False)
+        validate_scale_invariant(options["scale_invariant"])
+        if options["capturable"] and options["foreach"] is False:
+            raise ValueError(
+                "capturable=True needs the sync-free multi-tensor body: pass foreach=True or None"
+            )
+        if options["fused"] and options["foreach"]:
+            raise ValueError("fused=True and foreach=True cannot be used together")
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)

@@ -85,25 +85,31 @@ class SGDP(ProjectingOptimizer):
         allow_flat_params: bool = False,
         fused: bool | None = None,
     ) -> None:
-        check_number("lr", lr, low=0.0)
-        check_number("momentum", momentum, low=0.0, high=1.0)
-        check_number("dampening", dampening, low=0.0, high=1.0, high_open=False)
-        check_number("weight_decay", weight_decay, low=0.0)
-        check_number("eps", eps, low=0.0)
-        check_number("delta", delta, low=0.0, low_open=True)
-        check_number("wd_ratio", wd_ratio, low=0.0, high=1.0, high_open=False)
-        if nesterov and (momentum <= 0 or dampening != 0):
-            raise ValueError("Nesterov momentum requires a momentum > 0 and zero dampening")
-        validate_scale_invariant(scale_invariant)
-        if fused and foreach:
-            raise ValueError("fused=True and foreach=True cannot be used together")
         defaults = dict(
             lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
             nesterov=nesterov, eps=eps, delta=delta, wd_ratio=wd_ratio,
             project_momentum=project_momentum, maximize=maximize, foreach=foreach,
             scale_invariant=scale_invariant, allow_flat_params=allow_flat_params, fused=fused,
         )
+        self.check_hyperparameters(defaults)
         super().__init__(params, defaults)
+
+    @staticmethod
+    def check_hyperparameters(options: dict[str, Any]) -> None:
+        """Raise ``ValueError``/``TypeError`` for a hyperparameter out of its range."""
+        momentum, dampening = options["momentum"], options["dampening"]
+        check_number("lr", options["lr"], low=0.0)
+        check_number("momentum", momentum, low=0.0, high=1.0)
+        check_number("dampening", dampening, low=0.0, high=1.0, high_open=False)
+        check_number("weight_decay", options["weight_decay"], low=0.0)
+        check_number("eps", options["eps"], low=0.0)
+        check_number("delta", options["delta"], low=0.0, low_open=True)
+        check_number("wd_ratio", options["wd_ratio"], low=0.0, high=1.0, high_open=False)
+        if options["nesterov"] and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum > 0 and zero dampening")
+        validate_scale_invariant(options["scale_invariant"])
+        if options["fused"] and options["foreach"]:
+            raise ValueError("fused=True and foreach=True cannot be used together")
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
