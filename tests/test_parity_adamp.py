@@ -37,8 +37,7 @@ from reference import (
 )
 from scaleinv import AdamP
 
-# ``scaleinv.adamp`` is the functional form; this is the module holding the bodies.
-ADAMP_MODULE = importlib.import_module("scaleinv.adamp")
+ADAMP_MODULE = importlib.import_module("scaleinv.adamp")  # the module holding the bodies
 STEPS = 20
 
 adamp_hyperparameters = st.fixed_dictionaries({

@@ -32,8 +32,7 @@ from reference import (
 )
 from scaleinv import SGDP
 
-# ``scaleinv.sgdp`` is the functional form; this is the module holding the bodies.
-SGDP_MODULE = importlib.import_module("scaleinv.sgdp")
+SGDP_MODULE = importlib.import_module("scaleinv.sgdp")  # the module holding the bodies
 STEPS = 20
 
 
