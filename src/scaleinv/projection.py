@@ -129,6 +129,10 @@ def _rowwise_dot(a: Tensor, b: Tensor) -> Tensor:
     return torch.linalg.vecdot(channel_view(a), channel_view(b))
 
 
+def _row_norms(x: Tensor) -> Tensor:
+    return torch.linalg.vector_norm(channel_view(x), dim=1)
+
+
 def invariance_flags(
     w: Tensor,
     g: Tensor,
@@ -136,13 +140,13 @@ def invariance_flags(
     scale_invariant: ScaleInvariant,
     delta: float,
     eps: float,
-    ww: Tensor | None = None,
+    w_norm: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Sync-free :func:`select_view` for one tensor with ``dim() >= 2``.
 
     Returns 0-dim bools ``(use_channel, use_layer)``, at most one true: the annotation if one is
     given (``False``: neither), else the cosine test (channel view first, then layer view).
-    ``ww``, the row-wise ``<w_i, w_i>`` of the channel view, saves a pass when the caller has it.
+    ``w_norm``, the row norms ``|w_i|`` of the channel view, saves a pass when the caller has it.
     """
     false = torch.zeros((), dtype=torch.bool, device=w.device)
     if scale_invariant is False:
@@ -151,13 +155,14 @@ def invariance_flags(
         return ~false, false
     if scale_invariant == "layer":
         return false, ~false
-    if ww is None:
-        ww = _rowwise_dot(w, w)
+    if w_norm is None:
+        w_norm = _row_norms(w)
+    g_norm = _row_norms(g)
     gw = _rowwise_dot(g, w)
-    gg = _rowwise_dot(g, g)
-    w_norm, g_norm = ww.sqrt(), gg.sqrt()
     channel_cos = gw.abs() / (g_norm.clamp_min(eps) * w_norm.clamp_min(eps))
-    layer_cos = gw.sum().abs() / (gg.sum().sqrt().clamp_min(eps) * ww.sum().sqrt().clamp_min(eps))
+    layer_g_norm = g_norm.square().sum().sqrt()
+    layer_w_norm = w_norm.square().sum().sqrt()
+    layer_cos = gw.sum().abs() / (layer_g_norm.clamp_min(eps) * layer_w_norm.clamp_min(eps))
     use_channel = rows_max(channel_cos) < threshold(w, "channel", delta)
     use_layer = ~use_channel & (layer_cos < threshold(w, "layer", delta))
     return use_channel, use_layer
@@ -190,15 +195,15 @@ def radial_coefficients(
     projected: list[Tensor] = []
     for i, (w, g, p) in enumerate(zip(weights, grads, updates, strict=True)):
         expand = (-1,) + (1,) * (w.dim() - 1)
-        ww = _rowwise_dot(w, w)
+        w_norm = _row_norms(w)
         wp = _rowwise_dot(w, p)
-        channel_coef = wp / (ww.sqrt() + eps).square()
-        layer_coef = wp.sum() / (ww.sum().sqrt() + eps).square()
+        channel_coef = wp / (w_norm + eps).square()
+        layer_coef = wp.sum() / (w_norm.square().sum().sqrt() + eps).square()
         if flags is not None:
             use_channel, use_layer = flags[i]
         else:
             use_channel, use_layer = invariance_flags(
-                w, g, scale_invariant=scale_invariant, delta=delta, eps=eps, ww=ww
+                w, g, scale_invariant=scale_invariant, delta=delta, eps=eps, w_norm=w_norm
             )
         zero = torch.zeros((), dtype=channel_coef.dtype, device=w.device)
         coef = torch.where(use_channel, channel_coef, torch.where(use_layer, layer_coef, zero))
