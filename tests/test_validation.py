@@ -148,6 +148,26 @@ def test_complex_params_step_as_their_real_views(cls, foreach) -> None:
 
 
 @pytest.mark.parametrize("cls", [AdamP, SGDP])
+def test_complex_vector_takes_view_annotations_like_its_real_view(cls) -> None:
+    """A complex vector is stepped as its ``[n, 2]`` real view, so an annotation accepted for
+    that view is accepted for it, and both move alike; a real vector is still refused."""
+    init = torch.randn(6, dtype=torch.complex64, generator=torch.Generator().manual_seed(3))
+    complex_param = torch.nn.Parameter(init.clone())
+    real_param = torch.nn.Parameter(torch.view_as_real(init).clone())
+    defaults = {"lr": 0.1, "momentum": 0.9} if cls is SGDP else {"lr": 0.1}
+    complex_opt = cls([complex_param], scale_invariant="channel", **defaults)
+    real_opt = cls([real_param], scale_invariant="channel", **defaults)
+    for _ in range(3):
+        grad = torch.randn(6, dtype=torch.complex64)
+        complex_param.grad, real_param.grad = grad, torch.view_as_real(grad).clone()
+        complex_opt.step()
+        real_opt.step()
+    assert torch.equal(torch.view_as_real(complex_param), real_param)
+    with pytest.raises(ValueError, match="dim"):
+        cls([torch.nn.Parameter(torch.randn(6))], scale_invariant="channel", **defaults)
+
+
+@pytest.mark.parametrize("cls", [AdamP, SGDP])
 @pytest.mark.parametrize("foreach", [False, True])
 @pytest.mark.parametrize("case", ["zero weight", "zero grad", "both zero"])
 def test_zeros_give_finite_results(cls, foreach, case) -> None:

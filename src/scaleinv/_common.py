@@ -40,7 +40,7 @@ def check_group_params(group: dict[str, Any]) -> None:
     group["scale_invariant"] = mode
     if mode in ("channel", "layer"):
         for p in group["params"]:
-            if p.dim() < 2:
+            if p.dim() + p.is_complex() < 2:  # complex parameters are stepped as real views
                 raise ValueError(
                     f"scale_invariant={mode!r} was given for a group holding a parameter of "
                     f"shape {tuple(p.shape)}; only tensors with dim() >= 2 can be projected. "

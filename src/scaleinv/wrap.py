@@ -52,7 +52,10 @@ PROJECTION_OPTIONS = ("delta", "wd_ratio", "scale_invariant")
 DecayKind = Literal["decoupled", "sgd", "coupled"]
 
 _PROJECTING = (AdamP, SGDP)
-_DECOUPLED = (torch.optim.Adafactor, torch.optim.Muon)
+# Optimizers with their own decoupled decay; Adafactor and Muon are missing from older torch.
+_DECOUPLED = tuple(
+    getattr(torch.optim, name) for name in ("Adafactor", "Muon") if hasattr(torch.optim, name)
+)
 _DECOUPLED_FLAG = (torch.optim.Adam, torch.optim.RAdam, torch.optim.NAdam)
 
 
