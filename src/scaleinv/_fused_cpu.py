@@ -103,6 +103,27 @@ static double radial_coefficient(double wp, double ww, double eps) {
   return wp / (r * r);
 }
 
+/* From the row sums [<w,w>, <g,w>, <g,g>, <w,p>] of a two-pass step: the view (the test runs
+   where view is VIEW_AUTO) and, for the layer view, the one coefficient of every row. */
+static int two_pass_view(const double* sums, int64_t n, int64_t d, int view, double delta,
+                         double eps, double* layer_s) {
+  if (view == VIEW_AUTO) view = choose_view(sums, 4, n, d, delta, eps);
+  *layer_s = 0.0;
+  if (view == VIEW_LAYER) {
+    double ww = 0.0, wp = 0.0;
+    for (int64_t i = 0; i < n; ++i) { ww += sums[4 * i]; wp += sums[4 * i + 3]; }
+    *layer_s = radial_coefficient(wp, ww, eps);
+  }
+  return view;
+}
+
+/* Row i's coefficient s_i in a two-pass step, for the view two_pass_view chose. */
+static double two_pass_coefficient(const double* sums, int64_t i, int view, double layer_s,
+                                   double eps) {
+  if (view == VIEW_LAYER) return layer_s;
+  return view == VIEW_CHANNEL ? radial_coefficient(sums[4 * i + 3], sums[4 * i], eps) : 0.0;
+}
+
 #define DEFINE_KERNELS(T, SUF, SQRT)                                                           \
                                                                                                \
 static void cosine_stats_##SUF(const T* restrict w, const T* restrict g, int64_t n,            \
@@ -198,16 +219,10 @@ static int adamp_two_pass_##SUF(T* restrict w, const T* restrict g, T* restrict 
     }                                                                                          \
     sums[4 * i] = ww; sums[4 * i + 1] = gw; sums[4 * i + 2] = gg; sums[4 * i + 3] = wp;        \
   })                                                                                           \
-  if (view == VIEW_AUTO) view = choose_view(sums, 4, n, d, h->delta, h->eps);                  \
-  double layer_s = 0.0;                                                                        \
-  if (view == VIEW_LAYER) {                                                                    \
-    double ww = 0.0, wp = 0.0;                                                                 \
-    for (int64_t i = 0; i < n; ++i) { ww += sums[4 * i]; wp += sums[4 * i + 3]; }              \
-    layer_s = radial_coefficient(wp, ww, h->eps);                                              \
-  }                                                                                            \
+  double layer_s;                                                                              \
+  view = two_pass_view(sums, n, d, view, h->delta, h->eps, &layer_s);                          \
   FOR_ROWS(i, n, n * d, {                                                                      \
-    const double s = view == VIEW_LAYER ? layer_s                                              \
-        : view == VIEW_CHANNEL ? radial_coefficient(sums[4 * i + 3], sums[4 * i], h->eps) : 0.0; \
+    const double s = two_pass_coefficient(sums, i, view, layer_s, h->eps);                     \
     const double decay = view == VIEW_NONE ? h->decay_plain : h->decay_projected;              \
     const T a = (T)(decay + (double)ss * s);                                                   \
     T* restrict wi = w + i * d;                                                                \
@@ -328,16 +343,10 @@ static int sgdp_two_pass_##SUF(T* restrict w, const T* restrict g, T* restrict b
     }                                                                                          \
     sums[4 * i] = ww; sums[4 * i + 1] = gw; sums[4 * i + 2] = gg; sums[4 * i + 3] = wp;        \
   })                                                                                           \
-  if (view == VIEW_AUTO) view = choose_view(sums, 4, n, d, h->delta, h->eps);                  \
-  double layer_s = 0.0;                                                                        \
-  if (view == VIEW_LAYER) {                                                                    \
-    double ww = 0.0, wp = 0.0;                                                                 \
-    for (int64_t i = 0; i < n; ++i) { ww += sums[4 * i]; wp += sums[4 * i + 3]; }              \
-    layer_s = radial_coefficient(wp, ww, h->eps);                                              \
-  }                                                                                            \
+  double layer_s;                                                                              \
+  view = two_pass_view(sums, n, d, view, h->delta, h->eps, &layer_s);                          \
   FOR_ROWS(i, n, n * d, {                                                                      \
-    const double s = view == VIEW_LAYER ? layer_s                                              \
-        : view == VIEW_CHANNEL ? radial_coefficient(sums[4 * i + 3], sums[4 * i], h->eps) : 0.0; \
+    const double s = two_pass_coefficient(sums, i, view, layer_s, h->eps);                     \
     const double decay = view == VIEW_NONE ? h->decay_plain : h->decay_projected;              \
     const T a = (T)(decay + h->lr * s), ts = (T)s;                                             \
     T* restrict wi = w + i * d;                                                                \
