@@ -290,6 +290,23 @@ static void sgdp_plain_##SUF(T* restrict w, const T* restrict g, T* restrict b, 
   })                                                                                           \
 }                                                                                              \
                                                                                                \
+/* w_i <- a w_i - lr (p_i, projected by ts when the buffer is: b_i <- b_i - ts w_i). */        \
+static inline void sgdp_write_row_##SUF(T* restrict wi, const T* restrict gi,                  \
+                                        T* restrict bi, int64_t d, T a, T ts, T lr, T kg,      \
+                                        T kb, T sign, int project_buffer) {                    \
+  if (project_buffer) {  /* never with nesterov: p is the buffer itself */                     \
+    _Pragma("omp simd")                                                                        \
+    for (int64_t j = 0; j < d; ++j) {                                                          \
+      const T pj = bi[j];                                                                      \
+      bi[j] = pj - wi[j] * ts;                                                                 \
+      wi[j] = wi[j] * a - lr * pj;                                                             \
+    }                                                                                          \
+  } else {                                                                                     \
+    _Pragma("omp simd")                                                                        \
+    for (int64_t j = 0; j < d; ++j) wi[j] = wi[j] * a - lr * (kg * sign * gi[j] + kb * bi[j]); \
+  }                                                                                            \
+}                                                                                              \
+                                                                                               \
 static void sgdp_rows_##SUF(T* restrict w, const T* restrict g, T* restrict b, int64_t n,      \
                             int64_t d, const SGDPGroup* h) {                                   \
   /* No row buffer: p is rebuilt from the row of g and b, both still in cache. */              \
@@ -310,17 +327,7 @@ static void sgdp_rows_##SUF(T* restrict w, const T* restrict g, T* restrict b, i
     }                                                                                          \
     const double s = radial_coefficient(wp, ww, h->eps);                                       \
     const T a = (T)(h->decay_projected + h->lr * s), ts = (T)s;                                \
-    if (project_buffer) {  /* never with nesterov: p is the buffer itself */                   \
-      _Pragma("omp simd")                                                                      \
-      for (int64_t j = 0; j < d; ++j) {                                                        \
-        const T pj = bi[j];                                                                    \
-        bi[j] = pj - wi[j] * ts;                                                               \
-        wi[j] = wi[j] * a - lr * pj;                                                           \
-      }                                                                                        \
-    } else {                                                                                   \
-      _Pragma("omp simd")                                                                      \
-      for (int64_t j = 0; j < d; ++j) wi[j] = wi[j] * a - lr * (kg * sign * gi[j] + kb * bi[j]); \
-    }                                                                                          \
+    sgdp_write_row_##SUF(wi, gi, bi, d, a, ts, lr, kg, kb, sign, project_buffer);              \
   })                                                                                           \
 }                                                                                              \
                                                                                                \
@@ -352,18 +359,7 @@ static int sgdp_two_pass_##SUF(T* restrict w, const T* restrict g, T* restrict b
     T* restrict wi = w + i * d;                                                                \
     const T* restrict gi = g + i * d;                                                          \
     T* restrict bi = b + i * d;                                                                \
-    if (project_buffer) {  /* never with nesterov: p is the buffer itself */                   \
-      _Pragma("omp simd")                                                                      \
-      for (int64_t j = 0; j < d; ++j) {                                                        \
-        const T pj = bi[j];                                                                    \
-        bi[j] = pj - wi[j] * ts;                                                               \
-        wi[j] = wi[j] * a - lr * pj;                                                           \
-      }                                                                                        \
-    } else {                                                                                   \
-      _Pragma("omp simd")                                                                      \
-      for (int64_t j = 0; j < d; ++j)                                                          \
-        wi[j] = wi[j] * a - lr * (kg * sign * gi[j] + kb * bi[j]);                             \
-    }                                                                                          \
+    sgdp_write_row_##SUF(wi, gi, bi, d, a, ts, lr, kg, kb, sign, project_buffer);              \
   })                                                                                           \
   return view;                                                                                 \
 }                                                                                              \
