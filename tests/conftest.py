@@ -1,10 +1,17 @@
 """Shared test settings: one thread (the test machines are small and shared) and seeded
 hypothesis profiles: ``scaleinv`` (the default) and ``scaleinv-noshrink`` (report the first
-failing example at once; for debugging: ``pytest --hypothesis-profile=scaleinv-noshrink``)."""
+failing example at once; for debugging: ``pytest --hypothesis-profile=scaleinv-noshrink``).
+
+Without a GPU, Triton (if installed) runs kernels through its interpreter: ``TRITON_INTERPRET``
+must be set before anything imports Triton, so it is set here (``tests/test_triton.py``)."""
+
+import os
 
 import torch
 from hypothesis import HealthCheck, Phase, settings
 
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 torch.set_num_threads(1)
 
 settings.register_profile(

@@ -309,7 +309,7 @@ def test_unknown_backend_and_native_off_cpu_are_refused() -> None:
     hp = dict(capturable=False, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
               delta=0.1, wd_ratio=0.1, nesterov=False, maximize=False, scale_invariant="auto")
     with pytest.raises(ValueError, match="Invalid fused backend"):
-        FUSED.fused_adamp([w], [g], [m], [v], [torch.zeros(())], backend="triton", **hp)
+        FUSED.fused_adamp([w], [g], [m], [v], [torch.zeros(())], backend="cuda", **hp)
     meta = [t.to("meta") for t in (w, g, m, v)]
     with pytest.raises(ValueError, match="native fused backend needs"):
         FUSED.fused_adamp(*([t] for t in meta), [torch.zeros(())], backend="native", **hp)

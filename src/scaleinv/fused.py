@@ -8,7 +8,11 @@ so an exact step reads the tensor at least twice (DESIGN.md section 5). Two back
   row by row with the row's update kept in cache, so the whole step moves 9 arrays of one
   element per weight (``torch.optim.AdamW(fused=True)``: 7); with ``scale_invariant`` given,
   7. The layer view needs a third pass (12).
-* ``"compiled"`` (any device; on CUDA this is where Triton comes in): one
+* ``"triton"`` (CUDA, float32/float16/bfloat16, where Triton is installed): Triton kernels
+  (:mod:`scaleinv._fused_triton`), one launch per pass over every tensor of a group: 10
+  arrays with the cosine test, 7 with ``scale_invariant="channel"`` or for tensors never
+  projected. On a CPU it runs only under Triton's interpreter (``TRITON_INTERPRET=1``, tests).
+* ``"compiled"`` (any device; the CUDA default where Triton is missing): one
   ``torch.compile(dynamic=True, fullgraph=True)`` kernel per tensor, written with
   :func:`scaleinv.projection.radial_coefficients`, so the decision stays on the device (no
   host synchronisation). Dynamic shapes: one compilation serves every shape.
@@ -24,7 +28,9 @@ sync-free.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import math
+import os
 import types
 import weakref
 from collections.abc import Callable
@@ -40,15 +46,33 @@ from scaleinv.projection import ScaleInvariant, radial_coefficients
 
 __all__ = ["BACKENDS", "default_backend", "fused_adamp", "fused_sgdp"]
 
-Backend = Literal["native", "compiled", "eager", "foreach"]
-BACKENDS: tuple[str, ...] = ("native", "compiled", "eager", "foreach")
-_MODES = {"auto": _fused_cpu.MODE_AUTO, "channel": _fused_cpu.MODE_CHANNEL,
-          "layer": _fused_cpu.MODE_LAYER}
+Backend = Literal["native", "triton", "compiled", "eager", "foreach"]
+BACKENDS: tuple[str, ...] = ("native", "triton", "compiled", "eager", "foreach")
+
+
+@functools.cache
+def _triton() -> types.ModuleType | None:
+    """:mod:`scaleinv._fused_triton`, or ``None`` where Triton is not installed."""
+    if importlib.util.find_spec("triton") is None:
+        return None
+    from scaleinv import _fused_triton
+
+    return _fused_triton
+
+
+def _triton_runs_on(device: torch.device, dtype: torch.dtype) -> bool:
+    kernels = _triton()
+    on_device = device.type == "cuda" or (
+        device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+    return kernels is not None and on_device and kernels.supports(dtype)
 
 
 def default_backend(device: torch.device, dtype: torch.dtype) -> Backend:
     """CPU: ``"native"`` for float32/float64 where the C kernels build, else ``"foreach"``;
-    other devices: ``"compiled"``."""
+    CUDA: ``"triton"`` for float32/float16/bfloat16 where Triton is installed; other devices
+    and dtypes: ``"compiled"``."""
+    if device.type == "cuda" and _triton_runs_on(device, dtype):
+        return "triton"
     if device.type != "cpu":
         return "compiled"
     if dtype in _fused_cpu.DTYPE_SUFFIX and _fused_cpu.load() is not None:
@@ -133,8 +157,8 @@ def _split(
 ) -> tuple[list[int], list[list[Tensor]], list[int]]:
     """Indices the backend takes with its inputs (``[w, g, *states]`` per tensor), and the
     indices left to the multi-tensor body. The compiled backend takes only tensors it may
-    project; the native one takes every tensor it can read (with a float32 CPU step counter
-    where there is one)."""
+    project; the native and Triton ones take every tensor they can read (the native one with
+    a float32 CPU step counter where there is one)."""
     taken: list[int] = []
     inputs: list[list[Tensor]] = []
     left: list[int] = []
@@ -146,7 +170,7 @@ def _split(
             tensor_inputs = None
             if steps is None or _native_step(steps[i]):
                 tensor_inputs = _native_tensors(w, g, tensor_states)
-        elif w.dim() >= 2 and scale_invariant is not False:
+        elif backend == "triton" or (w.dim() >= 2 and scale_invariant is not False):
             tensor_inputs = _row_views(w, g, tensor_states)
         else:
             tensor_inputs = None
@@ -158,13 +182,15 @@ def _split(
     return taken, inputs, left
 
 
-def _modes(params: list[Tensor], scale_invariant: ScaleInvariant) -> list[int]:
-    """The C kernels' per-tensor mode: never project (1-D tensors, ``False``), or the test,
-    or a given view."""
+def _modes(params: list[Tensor], scale_invariant: ScaleInvariant,
+           kernels: types.ModuleType = _fused_cpu) -> list[int]:
+    """The kernels' per-tensor mode (``kernels.MODE_*``): never project (1-D tensors,
+    ``False``), or the test, or a given view."""
     if scale_invariant is False:
-        return [_fused_cpu.MODE_PLAIN] * len(params)
-    mode = _MODES[scale_invariant]  # type: ignore[index]
-    return [mode if p.dim() >= 2 else _fused_cpu.MODE_PLAIN for p in params]
+        return [kernels.MODE_PLAIN] * len(params)
+    mode = {"auto": kernels.MODE_AUTO, "channel": kernels.MODE_CHANNEL,
+            "layer": kernels.MODE_LAYER}[scale_invariant]  # type: ignore[index]
+    return [mode if p.dim() >= 2 else kernels.MODE_PLAIN for p in params]
 
 
 class _ViewMemory:
@@ -209,6 +235,12 @@ def _resolve(backend: Backend | None, device: torch.device, dtype: torch.dtype) 
         raise ValueError(
             f"the native fused backend needs float32/float64 CPU tensors and a C compiler; "
             f"got {dtype} tensors on {device}"
+        )
+    if chosen == "triton" and not _triton_runs_on(device, dtype):
+        raise ValueError(
+            f"the triton fused backend needs Triton installed and float32/float16/bfloat16 "
+            f"CUDA tensors (CPU tensors only under TRITON_INTERPRET=1); got {dtype} tensors "
+            f"on {device}"
         )
     return chosen
 
@@ -307,6 +339,8 @@ def fused_adamp(
             steps = [d_steps[i] for i in taken]
             if chosen == "native":
                 _native_adamp(inputs, steps, **hyper)
+            elif chosen == "triton":
+                _triton_adamp(inputs, steps, [d_params[i] for i in taken], **hyper)
             else:
                 _tensorwise_adamp(inputs, steps, backend=chosen, **hyper)
         if left:
@@ -344,6 +378,24 @@ def _native_adamp(
         nesterov=nesterov, maximize=maximize,
     )
     _VIEWS.remember(params, views)
+
+
+def _triton_adamp(
+    inputs: list[list[Tensor]], steps: list[Tensor], originals: list[Tensor], *,
+    lr: float | Tensor, beta1: float, beta2: float, eps: float, weight_decay: float,
+    delta: float, wd_ratio: float, nesterov: bool, maximize: bool,
+    scale_invariant: ScaleInvariant,
+) -> None:
+    """``inputs`` as ``[n, d]`` row views; ``originals``, the tensors they view, give the
+    modes (a 1-D tensor is never projected)."""
+    kernels = _triton()
+    assert kernels is not None  # _resolve checked
+    kernels.adamp_step(
+        *([t[k] for t in inputs] for k in range(4)), steps,
+        _modes(originals, scale_invariant, kernels), lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+        weight_decay=weight_decay, wd_ratio=wd_ratio, delta=delta, nesterov=nesterov,
+        maximize=maximize,
+    )
 
 
 def _tensorwise_adamp(
@@ -416,6 +468,15 @@ def fused_sgdp(
                 project_buffer=project_buffer, maximize=maximize, **constants,
             )
             _VIEWS.remember(native_params, views)
+        elif taken and chosen == "triton":
+            kernels = _triton()
+            assert kernels is not None  # _resolve checked
+            kernels.sgdp_step(
+                *([t[k] for t in inputs] for k in range(3)),
+                _modes([d_params[i] for i in taken], scale_invariant, kernels),
+                nesterov=nesterov, maximize=maximize, project_buffer=project_buffer,
+                **{k: v for k, v in constants.items() if k != "nesterov"},
+            )
         elif taken:
             key = (inputs[0][0].dtype, scale_invariant, project_buffer)
             body = _tensor_body(_sgdp_tensor, chosen, key)

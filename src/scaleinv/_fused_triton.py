@@ -1,0 +1,496 @@
+"""The GPU kernels of the fused path: Triton, one launch per pass over all tensors of a group.
+
+Imported only where Triton is installed (it is an optional dependency; CPU installs never need
+it). Every tensor is seen as ``[n, d]`` rows that are contiguous blocks of memory, and one
+program handles one row; a tensor that is never projected (1-D, ``scale_invariant=False``) is
+cut into rows of :data:`PLAIN_ROW` elements. The tensors' addresses reach the kernels through a
+table of pointers, so a whole group is one launch whatever its number of tensors.
+
+AdamP's passes, in arrays of one element per weight (DESIGN.md section 5):
+
+* never projected: one pass that updates the state and the weight, like
+  ``torch.optim.AdamW(fused=True)`` (7 arrays);
+* ``scale_invariant="channel"``, rows of at most :data:`MAX_ROW_IN_REGISTERS` elements: one
+  pass, the row held in registers while ``<w_i, p_i>`` is summed (7 arrays); one launch per
+  power-of-two row length;
+* otherwise (``"auto"``, ``"layer"``, longer rows): pass 1 updates the state and writes each
+  row's sums ``|g_i|^2, <g_i, w_i>, |w_i|^2, <w_i, p_i>`` (6 arrays); a small decision kernel
+  (one program per tensor) runs the cosine test on those sums and writes the view and the
+  layer coefficient; pass 2 recomputes ``p`` from the new state and writes the weight (3 arrays,
+  4 with nesterov): 10 in all.
+
+The decision never leaves the device: no host synchronisation. The cosine test and the
+projection coefficient are the maths of :mod:`scaleinv.projection` written again for a kernel;
+``tests/test_triton.py`` holds them to the single-tensor reference (on a CPU through Triton's
+interpreter, ``TRITON_INTERPRET=1``). SGDP uses the same kernels with its own state update.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+__all__ = ["MAX_ROW_IN_REGISTERS", "PLAIN_ROW", "adamp_step", "sgdp_step", "supports"]
+
+MODE_PLAIN, MODE_AUTO, MODE_CHANNEL, MODE_LAYER = 0, 1, 2, 3
+BLOCK = 1024  # elements per chunk of a looped row
+PLAIN_ROW = 8 * BLOCK  # row length of a tensor that is never projected
+MAX_ROW_IN_REGISTERS = 8192
+DECIDE_BLOCK = 1024  # rows per chunk of the decision kernel
+_META = 5  # int64 per tensor: numel, row length, mode, first row, number of rows
+# The same numbers as seen from inside a kernel (which reads only constexpr globals).
+_K_META = tl.constexpr(_META)
+_K_PLAIN, _K_CHANNEL, _K_LAYER = (tl.constexpr(m) for m in (MODE_PLAIN, MODE_CHANNEL, MODE_LAYER))
+_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def supports(dtype: torch.dtype) -> bool:
+    return dtype in _DTYPES
+
+
+# ---------------------------------------------------------------------------------------------
+# Maths shared by the kernels
+
+
+@triton.jit
+def _new_state(g, a, b, c1, c2, IS_ADAM: tl.constexpr):
+    """Adam: ``m = c1 m + (1 - c1) g``, ``v = c2 v + (1 - c2) g^2``; SGD: ``buf = c1 buf +
+    c2 g`` (``c1`` the momentum, ``c2 = 1 - dampening``; ``b`` unused)."""
+    if IS_ADAM:
+        a = a * c1 + g * (1 - c1)
+        b = b * c2 + g * g * (1 - c2)
+    else:
+        a = a * c1 + g * c2
+    return a, b
+
+
+@triton.jit
+def _direction(g, a, b, c1, rsqrt, eps, IS_ADAM: tl.constexpr, NESTEROV: tl.constexpr):
+    """The update ``p`` from the new state. Adam: ``n / (sqrt(v) / sqrt(1 - beta2^t) + eps)``
+    with ``n = m`` or, nesterov, ``beta1 m + (1 - beta1) g``; SGD: ``buf`` or, nesterov,
+    ``g + momentum buf``."""
+    if IS_ADAM:
+        if NESTEROV:
+            numerator = a * c1 + g * (1 - c1)
+        else:
+            numerator = a
+        p = numerator / (tl.sqrt(b) * rsqrt + eps)
+    else:
+        if NESTEROV:
+            p = g + a * c1
+        else:
+            p = a
+    return p
+
+
+@triton.jit
+def _coefficient(wp, ww, eps):
+    """``s = <w, p> / (|w| + eps)^2``: the projected update is ``p - w s``."""
+    norm = tl.sqrt(ww) + eps
+    return wp / (norm * norm)
+
+
+@triton.jit
+def _scalars(scalars, t, step_size, rsqrt, decay_plain, decay_projected,
+             PER_TENSOR: tl.constexpr):
+    """Step size, ``1 / sqrt(1 - beta2^t)`` and the two decay factors of tensor ``t``: the
+    arguments, or row ``t`` of the ``[K, 4]`` device array ``scalars``."""
+    if PER_TENSOR:
+        step_size = tl.load(scalars + 4 * t)
+        rsqrt = tl.load(scalars + 4 * t + 1)
+        decay_plain = tl.load(scalars + 4 * t + 2)
+        decay_projected = tl.load(scalars + 4 * t + 3)
+    return step_size, rsqrt, decay_plain, decay_projected
+
+
+@triton.jit
+def _row(table, meta, row_tensor, r, K, DTYPE: tl.constexpr):
+    """Tensor ``t`` of global row ``r``, the row's start and length, the tensor's mode, and
+    pointers to the row in ``w``, ``g`` and the two states."""
+    t = tl.load(row_tensor + r)
+    numel = tl.load(meta + _K_META * t)
+    row_len = tl.load(meta + _K_META * t + 1)
+    mode = tl.load(meta + _K_META * t + 2)
+    first_row = tl.load(meta + _K_META * t + 3)
+    start = (r - first_row) * row_len
+    length = tl.minimum(row_len, numel - start)
+    kind = tl.pointer_type(DTYPE)
+    w = tl.load(table + t).to(kind) + start
+    g = tl.load(table + K + t).to(kind) + start
+    a = tl.load(table + 2 * K + t).to(kind) + start
+    b = tl.load(table + 3 * K + t).to(kind) + start
+    return t, mode, length, w, g, a, b
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+
+
+@triton.jit
+def _first_pass(
+    table, meta, row_tensor, rows, stats, scalars, K,
+    c1, c2, eps, sign, step_size, rsqrt, decay_plain, decay_projected,
+    DTYPE: tl.constexpr, IS_ADAM: tl.constexpr, NESTEROV: tl.constexpr,
+    PER_TENSOR: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Never-projected rows: the whole step. Other rows: new state, and the row's sums
+    ``(|g|^2, <g, w>, |w|^2, <w, p>)`` into ``stats[r]``."""
+    r = tl.load(rows + tl.program_id(0))
+    t, mode, length, w_ptr, g_ptr, a_ptr, b_ptr = _row(table, meta, row_tensor, r, K, DTYPE)
+    step_size, rsqrt, decay_plain, decay_projected = _scalars(
+        scalars, t, step_size, rsqrt, decay_plain, decay_projected, PER_TENSOR)
+    offsets = tl.arange(0, BLOCK)
+    gg = tl.zeros([BLOCK], dtype=tl.float32)
+    gw = tl.zeros([BLOCK], dtype=tl.float32)
+    ww = tl.zeros([BLOCK], dtype=tl.float32)
+    wp = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, length, BLOCK):
+        mask = start + offsets < length
+        g = tl.load(g_ptr + start + offsets, mask=mask, other=0.0).to(tl.float32) * sign
+        a = tl.load(a_ptr + start + offsets, mask=mask, other=0.0).to(tl.float32)
+        b = a
+        if IS_ADAM:
+            b = tl.load(b_ptr + start + offsets, mask=mask, other=0.0).to(tl.float32)
+        a, b = _new_state(g, a, b, c1, c2, IS_ADAM)
+        tl.store(a_ptr + start + offsets, a.to(DTYPE), mask=mask)
+        if IS_ADAM:
+            tl.store(b_ptr + start + offsets, b.to(DTYPE), mask=mask)
+        p = _direction(g, a, b, c1, rsqrt, eps, IS_ADAM, NESTEROV)
+        w = tl.load(w_ptr + start + offsets, mask=mask, other=0.0).to(tl.float32)
+        if mode == _K_PLAIN:
+            tl.store(w_ptr + start + offsets, (w * decay_plain - step_size * p).to(DTYPE),
+                     mask=mask)
+        else:
+            gg += g * g
+            gw += g * w
+            ww += w * w
+            wp += w * p
+    if mode != _K_PLAIN:
+        tl.store(stats + 4 * r, tl.sum(gg, 0))
+        tl.store(stats + 4 * r + 1, tl.sum(gw, 0))
+        tl.store(stats + 4 * r + 2, tl.sum(ww, 0))
+        tl.store(stats + 4 * r + 3, tl.sum(wp, 0))
+
+
+@triton.jit
+def _channel_single_pass(
+    table, meta, row_tensor, rows, scalars, K,
+    c1, c2, eps, sign, step_size, rsqrt, decay_plain, decay_projected,
+    DTYPE: tl.constexpr, IS_ADAM: tl.constexpr, NESTEROV: tl.constexpr,
+    PER_TENSOR: tl.constexpr, PROJECT_BUFFER: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """A row of a tensor annotated ``"channel"``, whole in registers (``length <= BLOCK``):
+    new state, ``p``, ``s = <w, p> / (|w| + eps)^2``, then ``w <- w (decay + lr s) - lr p``."""
+    r = tl.load(rows + tl.program_id(0))
+    t, mode, length, w_ptr, g_ptr, a_ptr, b_ptr = _row(table, meta, row_tensor, r, K, DTYPE)
+    step_size, rsqrt, decay_plain, decay_projected = _scalars(
+        scalars, t, step_size, rsqrt, decay_plain, decay_projected, PER_TENSOR)
+    offsets = tl.arange(0, BLOCK)
+    mask = offsets < length
+    g = tl.load(g_ptr + offsets, mask=mask, other=0.0).to(tl.float32) * sign
+    a = tl.load(a_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    b = a
+    if IS_ADAM:
+        b = tl.load(b_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    a, b = _new_state(g, a, b, c1, c2, IS_ADAM)
+    p = _direction(g, a, b, c1, rsqrt, eps, IS_ADAM, NESTEROV)
+    w = tl.load(w_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    s = _coefficient(tl.sum(w * p, 0), tl.sum(w * w, 0), eps)
+    if PROJECT_BUFFER:
+        a = p - w * s
+    tl.store(a_ptr + offsets, a.to(DTYPE), mask=mask)
+    if IS_ADAM:
+        tl.store(b_ptr + offsets, b.to(DTYPE), mask=mask)
+    tl.store(w_ptr + offsets, (w * (decay_projected + step_size * s) - step_size * p).to(DTYPE),
+             mask=mask)
+
+
+@triton.jit
+def _decide(meta, thresholds, tensors, stats, views, eps, BLOCK: tl.constexpr):
+    """One tensor: the view (``"auto"``: the cosine test on the row sums; else the annotation)
+    into ``views[2t]`` and the layer coefficient ``<w, p> / (|w| + eps)^2`` into ``views[2t+1]``.
+
+    Test: channel if ``max_i |<g_i, w_i>| / (max(|g_i|, eps) max(|w_i|, eps)) < delta /
+    sqrt(d)``, else layer if the same on the whole tensor ``< delta / sqrt(n d)``."""
+    t = tl.load(tensors + tl.program_id(0))
+    mode = tl.load(meta + _K_META * t + 2)
+    first_row = tl.load(meta + _K_META * t + 3)
+    n_rows = tl.load(meta + _K_META * t + 4)
+    offsets = tl.arange(0, BLOCK)
+    max_cos = tl.zeros([BLOCK], dtype=tl.float32)
+    gg = tl.zeros([BLOCK], dtype=tl.float32)
+    gw = tl.zeros([BLOCK], dtype=tl.float32)
+    ww = tl.zeros([BLOCK], dtype=tl.float32)
+    wp = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, n_rows, BLOCK):
+        mask = start + offsets < n_rows
+        row = stats + 4 * (first_row + start + offsets)
+        row_gg = tl.load(row, mask=mask, other=0.0)
+        row_gw = tl.load(row + 1, mask=mask, other=0.0)
+        row_ww = tl.load(row + 2, mask=mask, other=0.0)
+        cos = tl.abs(row_gw) / (tl.maximum(tl.sqrt(row_gg), eps)
+                                * tl.maximum(tl.sqrt(row_ww), eps))
+        max_cos = tl.maximum(max_cos, tl.where(mask, cos, 0.0))
+        gg += row_gg
+        gw += row_gw
+        ww += row_ww
+        wp += tl.load(row + 3, mask=mask, other=0.0)
+    gg_sum = tl.sum(gg, 0)
+    ww_sum = tl.sum(ww, 0)
+    layer_cos = tl.abs(tl.sum(gw, 0)) / (tl.maximum(tl.sqrt(gg_sum), eps)
+                                         * tl.maximum(tl.sqrt(ww_sum), eps))
+    channel_ok = tl.max(max_cos, 0) < tl.load(thresholds + 2 * t)
+    layer_ok = layer_cos < tl.load(thresholds + 2 * t + 1)
+    view = tl.where(mode == _K_CHANNEL, 1.0, tl.where(mode == _K_LAYER, 2.0, tl.where(
+        channel_ok, 1.0, tl.where(layer_ok, 2.0, 0.0))))  # VIEW_CHANNEL, VIEW_LAYER, VIEW_NONE
+    tl.store(views + 2 * t, view)
+    tl.store(views + 2 * t + 1, _coefficient(tl.sum(wp, 0), ww_sum, eps))
+
+
+@triton.jit
+def _second_pass(
+    table, meta, row_tensor, rows, stats, views, scalars, K,
+    c1, eps, sign, step_size, rsqrt, decay_plain, decay_projected,
+    DTYPE: tl.constexpr, IS_ADAM: tl.constexpr, NESTEROV: tl.constexpr,
+    PER_TENSOR: tl.constexpr, PROJECT_BUFFER: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """The weight of a row whose tensor took the test: ``w <- w (decay + lr s) - lr p`` with
+    ``p`` recomputed from the new state and ``s`` the view's coefficient (0: no view)."""
+    r = tl.load(rows + tl.program_id(0))
+    t, mode, length, w_ptr, g_ptr, a_ptr, b_ptr = _row(table, meta, row_tensor, r, K, DTYPE)
+    step_size, rsqrt, decay_plain, decay_projected = _scalars(
+        scalars, t, step_size, rsqrt, decay_plain, decay_projected, PER_TENSOR)
+    view = tl.load(views + 2 * t)
+    channel_s = _coefficient(tl.load(stats + 4 * r + 3), tl.load(stats + 4 * r + 2), eps)
+    s = tl.where(view == 1.0, channel_s, tl.where(view == 2.0, tl.load(views + 2 * t + 1), 0.0))
+    decay = tl.where(view == 0.0, decay_plain, decay_projected)
+    offsets = tl.arange(0, BLOCK)
+    for start in range(0, length, BLOCK):
+        mask = start + offsets < length
+        a = tl.load(a_ptr + start + offsets, mask=mask, other=0.0).to(tl.float32)
+        g = a  # read only with nesterov
+        b = a
+        if IS_ADAM:
+            b = tl.load(b_ptr + start + offsets, mask=mask, other=0.0).to(tl.float32)
+        if NESTEROV:
+            g = tl.load(g_ptr + start + offsets, mask=mask, other=0.0).to(tl.float32) * sign
+        p = _direction(g, a, b, c1, rsqrt, eps, IS_ADAM, NESTEROV)
+        w = tl.load(w_ptr + start + offsets, mask=mask, other=0.0).to(tl.float32)
+        if PROJECT_BUFFER:
+            tl.store(a_ptr + start + offsets, (p - w * s).to(DTYPE), mask=mask)
+        tl.store(w_ptr + start + offsets, (w * (decay + step_size * s) - step_size * p).to(DTYPE),
+                 mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Plans: the tables of one layout of a group, built once and kept on the device
+
+
+@dataclass
+class _Plan:
+    meta: Tensor  # int64 [K, _META]
+    thresholds: Tensor  # float32 [K, 2]: delta / sqrt(d), delta / sqrt(n d)
+    row_tensor: Tensor  # int32 [R]: the tensor of each global row
+    looped_rows: Tensor  # int64: rows of the first pass (all but single-pass ones)
+    second_rows: Tensor  # int64: rows of tensors that take the test or need two passes
+    decided: Tensor  # int64: tensors of those rows
+    single_rows: list[tuple[int, Tensor]]  # (BLOCK, rows) per power-of-two row length
+    n_rows: int
+
+
+def _layout_key(params: list[Tensor], modes: list[int], delta: float) -> tuple:
+    return (params[0].device, delta, PLAIN_ROW,
+            tuple((tuple(p.shape), p.numel(), m) for p, m in zip(params, modes, strict=True)))
+
+
+def _build_plan(params: list[Tensor], modes: list[int], delta: float) -> _Plan:
+    device = params[0].device
+    meta, thresholds, row_tensor = [], [], []
+    looped: list[Tensor] = []
+    second: list[Tensor] = []
+    decided: list[int] = []
+    single: dict[int, list[Tensor]] = {}
+    first_row = 0
+    for t, (p, mode) in enumerate(zip(params, modes, strict=True)):
+        numel = p.numel()
+        row_len = PLAIN_ROW if mode == MODE_PLAIN else numel // p.shape[0]
+        n_rows = -(-numel // row_len)
+        meta.append([numel, row_len, mode, first_row, n_rows])
+        thresholds.append([delta / math.sqrt(row_len), delta / math.sqrt(numel)])
+        row_tensor.append(torch.full((n_rows,), t, dtype=torch.int32))
+        rows = torch.arange(first_row, first_row + n_rows)
+        if mode == MODE_CHANNEL and row_len <= MAX_ROW_IN_REGISTERS:
+            single.setdefault(max(16, triton.next_power_of_2(row_len)), []).append(rows)
+        else:
+            looped.append(rows)
+            if mode != MODE_PLAIN:
+                second.append(rows)
+                decided.append(t)
+        first_row += n_rows
+
+    def on_device(rows: list[Tensor]) -> Tensor:
+        return _copy_to(torch.cat(rows) if rows else torch.zeros(0, dtype=torch.int64), device)
+
+    return _Plan(
+        meta=_to_device(meta, torch.int64, device),
+        thresholds=_to_device(thresholds, torch.float32, device),
+        row_tensor=_copy_to(torch.cat(row_tensor), device),
+        looped_rows=on_device(looped), second_rows=on_device(second),
+        decided=_to_device(decided, torch.int64, device),
+        single_rows=[(block, on_device(rows)) for block, rows in sorted(single.items())],
+        n_rows=first_row,
+    )
+
+
+class _Cache:
+    """A few recent entries by key. Entries made while a CUDA graph is being captured are kept
+    for good: the graph reads their tensors on every replay."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._recent: OrderedDict[tuple, object] = OrderedDict()
+        self._captured: dict[tuple, object] = {}
+
+    def get(self, key: tuple, build) -> object:  # type: ignore[no-untyped-def]
+        if key in self._captured:
+            return self._captured[key]
+        if key in self._recent:
+            self._recent.move_to_end(key)
+            return self._recent[key]
+        value = build()
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            self._captured[key] = value
+        else:
+            self._recent[key] = value
+            while len(self._recent) > self._size:
+                self._recent.popitem(last=False)
+        return value
+
+
+_PLANS = _Cache(16)
+_POINTERS = _Cache(16)
+
+
+_CAPTURED_SOURCES: list[Tensor] = []  # pinned sources of copies that a CUDA graph replays
+
+
+def _copy_to(host: Tensor, device: torch.device) -> Tensor:
+    """``host`` on ``device`` without a blocking copy (from pinned memory on CUDA)."""
+    if device.type != "cuda":
+        return host.to(device)
+    host = host.pin_memory()
+    if torch.cuda.is_current_stream_capturing():
+        _CAPTURED_SOURCES.append(host)
+    return host.to(device, non_blocking=True)
+
+
+def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> Tensor:
+    return _copy_to(torch.tensor(values, dtype=dtype), device)
+
+
+def _pointer_table(tensors: list[list[Tensor]], device: torch.device) -> Tensor:
+    """int64 ``[4, K]``: the addresses of ``w``, ``g``, and the two states of every tensor."""
+    pointers = tuple(t.data_ptr() for column in tensors for t in column)
+    return _POINTERS.get((device, pointers), lambda: _to_device(list(pointers), torch.int64,
+                                                                 device))
+
+
+def _launch(
+    params: list[Tensor], grads: list[Tensor], states_a: list[Tensor],
+    states_b: list[Tensor] | None, modes: list[int], scalars: Tensor | None,
+    constants: dict[str, float], *, is_adam: bool, nesterov: bool, project_buffer: bool,
+    delta: float, eps: float,
+) -> None:
+    device = params[0].device
+    plan: _Plan = _PLANS.get(_layout_key(params, modes, delta),
+                             lambda: _build_plan(params, modes, delta))  # type: ignore[assignment]
+    table = _pointer_table([params, grads, states_a, states_b or states_a], device)
+    stats = torch.empty((plan.n_rows, 4), dtype=torch.float32, device=device)
+    views = torch.empty((len(params), 2), dtype=torch.float32, device=device)
+    common = dict(DTYPE=_DTYPES[params[0].dtype], IS_ADAM=is_adam, NESTEROV=nesterov,
+                  PER_TENSOR=scalars is not None)
+    scalar_table = scalars if scalars is not None else stats  # never read without PER_TENSOR
+    K = len(params)
+    step = (constants["step_size"], constants["rsqrt"], constants["decay_plain"],
+            constants["decay_projected"])
+    c1, c2, sign = constants["c1"], constants["c2"], constants["sign"]
+    if plan.looped_rows.numel():
+        _first_pass[(plan.looped_rows.numel(),)](
+            table, plan.meta, plan.row_tensor, plan.looped_rows, stats, scalar_table, K,
+            c1, c2, eps, sign, *step, BLOCK=BLOCK, **common)
+    for block, rows in plan.single_rows:
+        _channel_single_pass[(rows.numel(),)](
+            table, plan.meta, plan.row_tensor, rows, scalar_table, K, c1, c2, eps, sign,
+            *step, PROJECT_BUFFER=project_buffer, BLOCK=block,
+            num_warps=max(1, min(16, block // 512)), **common)
+    if plan.decided.numel():
+        _decide[(plan.decided.numel(),)](plan.meta, plan.thresholds, plan.decided, stats,
+                                         views, eps, BLOCK=DECIDE_BLOCK)
+        _second_pass[(plan.second_rows.numel(),)](
+            table, plan.meta, plan.row_tensor, plan.second_rows, stats, views, scalar_table, K,
+            c1, eps, sign, *step, PROJECT_BUFFER=project_buffer, BLOCK=BLOCK, **common)
+
+
+def adamp_step(
+    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+    steps: list[Tensor], modes: list[int], *, lr: float | Tensor, beta1: float, beta2: float,
+    eps: float, weight_decay: float, wd_ratio: float, delta: float, nesterov: bool,
+    maximize: bool,
+) -> None:
+    """One AdamP step of ``params`` (one device and dtype, rows as blocks of memory) with
+    per-tensor ``modes`` (``MODE_*``). Increments ``steps``.
+
+    Step counters and ``lr`` on the host give the step sizes as numbers (kernel arguments, or
+    a small table where the counters differ); counters on the device (capturable) or a device
+    ``lr`` give them as a ``[K, 4]`` device array computed there, never read back."""
+    device = params[0].device
+    torch._foreach_add_(steps, 1)
+    if isinstance(lr, Tensor) and lr.device.type == "cpu":
+        lr = float(lr)
+    constants = dict(c1=float(beta1), c2=float(beta2), sign=-1.0 if maximize else 1.0,
+                     step_size=0.0, rsqrt=0.0, decay_plain=0.0, decay_projected=0.0)
+    scalars = None
+    if isinstance(lr, Tensor) or any(s.device.type != "cpu" for s in steps):
+        if any(s.device.type != "cpu" for s in steps):
+            counts = torch.stack([s.to(device, torch.float32) for s in steps])
+        else:
+            counts = _to_device([float(s) for s in steps], torch.float32, device)
+        bias1 = 1 - torch.pow(beta1, counts)
+        bias2 = 1 - torch.pow(beta2, counts)
+        lr_decay = lr * weight_decay
+        scalars = torch.stack([
+            lr / bias1, bias2.rsqrt(),
+            torch.ones_like(counts) - lr_decay, torch.ones_like(counts) - lr_decay * wd_ratio,
+        ], dim=1)
+    else:
+        per_tensor = [(lr / (1 - beta1**t), 1 / math.sqrt(1 - beta2**t))
+                      for t in (float(s) for s in steps)]
+        decays = (1 - lr * weight_decay, 1 - lr * weight_decay * wd_ratio)
+        if len(set(per_tensor)) == 1:
+            constants.update(step_size=per_tensor[0][0], rsqrt=per_tensor[0][1],
+                             decay_plain=decays[0], decay_projected=decays[1])
+        else:
+            scalars = _to_device([[*x, *decays] for x in per_tensor], torch.float32, device)
+    _launch(params, grads, exp_avgs, exp_avg_sqs, modes, scalars, constants, is_adam=True,
+            nesterov=nesterov, project_buffer=False, delta=delta, eps=eps)
+
+
+def sgdp_step(
+    params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor], modes: list[int],
+    *, lr: float, momentum: float, dampening: float, eps: float, decay_plain: float,
+    decay_projected: float, delta: float, nesterov: bool, maximize: bool,
+    project_buffer: bool,
+) -> None:
+    """One SGDP step of ``params`` (as :func:`adamp_step`; ``decay_*`` are the factors of
+    :class:`scaleinv.SGDP`)."""
+    constants = dict(c1=float(momentum), c2=1.0 - float(dampening),
+                     sign=-1.0 if maximize else 1.0, step_size=float(lr), rsqrt=1.0,
+                     decay_plain=float(decay_plain), decay_projected=float(decay_projected))
+    _launch(params, grads, momentum_buffers, None, modes, None, constants, is_adam=False,
+            nesterov=nesterov, project_buffer=project_buffer, delta=delta, eps=eps)
