@@ -1,5 +1,6 @@
 """CUDA checks, skipped without a GPU: no host synchronisation in a step, CUDA graph capture,
-and the fused path's compiled backend (inductor generates Triton kernels there).
+and the fused path's two CUDA backends: the Triton kernels (the default) and the compiled one
+(inductor generates Triton kernels there).
 
 Run on a CUDA machine with ``pytest -m gpu`` (the compiled-backend tests are also marked
 ``slow``: they compile for a minute or two the first time).
@@ -7,6 +8,7 @@ Run on a CUDA machine with ``pytest -m gpu`` (the compiled-backend tests are als
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 
 import pytest
@@ -14,6 +16,8 @@ import torch
 
 from reference import assert_round_off_close, initial_params, make_grad
 from scaleinv import SGDP, AdamP
+
+FUSED = importlib.import_module("scaleinv.fused")
 
 pytestmark = [
     pytest.mark.gpu,
@@ -122,9 +126,19 @@ def test_multi_tensor_step_replays_in_a_cuda_graph(name: str) -> None:
         assert_round_off_close(w_graphed, w_eager, STEPS)
 
 
-@pytest.mark.slow
+BACKENDS = ["triton", pytest.param("compiled", marks=pytest.mark.slow)]
+
+
+def use_backend(backend: str, monkeypatch) -> None:
+    if backend == "triton":
+        pytest.importorskip("triton")
+    monkeypatch.setattr(FUSED, "default_backend", lambda device, dtype: backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", ["adamp", "sgdp"])
-def test_fused_cuda_matches_single_tensor(name: str) -> None:
+def test_fused_cuda_matches_single_tensor(name: str, backend: str, monkeypatch) -> None:
+    use_backend(backend, monkeypatch)
     fused_params = cuda_params(seed=3)
     single_params = copies(fused_params)
     stream = gradient_stream(fused_params, STEPS, seed=3)
@@ -134,21 +148,26 @@ def test_fused_cuda_matches_single_tensor(name: str) -> None:
         assert_round_off_close(w_fused, w_single, STEPS)
 
 
-@pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", ["adamp", "sgdp"])
-def test_fused_cuda_step_has_no_host_sync(name: str) -> None:
+def test_fused_cuda_step_has_no_host_sync(name: str, backend: str, monkeypatch) -> None:
+    use_backend(backend, monkeypatch)
     params = cuda_params(seed=4)
     assert_no_sync(OPTIMIZERS[name](params, fused=True), params,
                    gradient_stream(params, 4, seed=4))
 
 
-@pytest.mark.slow
-def test_fused_capturable_adamp_replays_in_a_cuda_graph() -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["adamp", "sgdp"])
+def test_fused_capturable_step_replays_in_a_cuda_graph(name: str, backend: str,
+                                                       monkeypatch) -> None:
+    use_backend(backend, monkeypatch)
     graphed_params = cuda_params(seed=5)
     eager_params = copies(graphed_params)
     stream = gradient_stream(graphed_params, STEPS, seed=5)
-    run_graphed(OPTIMIZERS["adamp"](graphed_params, fused=True, capturable=True),
-                graphed_params, stream)
-    run_eager(OPTIMIZERS["adamp"](eager_params, foreach=False), eager_params, stream)
+    capturable = {"capturable": True} if name == "adamp" else {}
+    run_graphed(OPTIMIZERS[name](graphed_params, fused=True, **capturable), graphed_params,
+                stream)
+    run_eager(OPTIMIZERS[name](eager_params, foreach=False), eager_params, stream)
     for w_graphed, w_eager in zip(graphed_params, eager_params, strict=True):
         assert_round_off_close(w_graphed, w_eager, STEPS)

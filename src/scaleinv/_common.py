@@ -70,19 +70,20 @@ def check_grad(p: Tensor, optimizer: str) -> None:
         raise RuntimeError(f"{optimizer} does not support sparse gradients")
 
 
-def new_step_counter(p: Tensor, capturable: bool) -> Tensor:
-    """A step counter the way ``torch.optim.Adam`` keeps it: on the param's device if capturable."""
-    if capturable:
+def new_step_counter(p: Tensor, on_device: bool) -> Tensor:
+    """A step counter the way ``torch.optim.Adam`` keeps it: on the param's device if
+    ``on_device`` (capturable or fused), else on the host."""
+    if on_device:
         return torch.zeros((), dtype=torch.float32, device=p.device)
     return torch.tensor(0.0, dtype=torch.float32)
 
 
-def as_step_counter(step: Any, p: Tensor, capturable: bool) -> Tensor:
+def as_step_counter(step: Any, p: Tensor, on_device: bool) -> Tensor:
     """Turn a loaded ``step`` (an int in ``adamp`` 0.3.0 state_dicts) into our tensor counter."""
     if torch.is_tensor(step):
-        target = p.device if capturable else torch.device("cpu")
+        target = p.device if on_device else torch.device("cpu")
         return step.to(device=target, dtype=torch.float32)
-    counter = new_step_counter(p, capturable)
+    counter = new_step_counter(p, on_device)
     counter.fill_(float(step))
     return counter
 

@@ -305,8 +305,7 @@ class _Plan:
 
 
 def _layout_key(params: list[Tensor], modes: list[int], delta: float) -> tuple:
-    return (params[0].device, delta, PLAIN_ROW,
-            tuple((tuple(p.shape), p.numel(), m) for p, m in zip(params, modes, strict=True)))
+    return (params[0].device, delta, PLAIN_ROW, tuple(p.shape for p in params), tuple(modes))
 
 
 def _build_plan(params: list[Tensor], modes: list[int], delta: float) -> _Plan:
@@ -456,9 +455,10 @@ def adamp_step(
     constants = dict(c1=float(beta1), c2=float(beta2), sign=-1.0 if maximize else 1.0,
                      step_size=0.0, rsqrt=0.0, decay_plain=0.0, decay_projected=0.0)
     scalars = None
-    if isinstance(lr, Tensor) or any(s.device.type != "cpu" for s in steps):
-        if any(s.device.type != "cpu" for s in steps):
-            counts = torch.stack([s.to(device, torch.float32) for s in steps])
+    steps_on_device = steps[0].device.type != "cpu"  # a group keeps all its counters alike
+    if isinstance(lr, Tensor) or steps_on_device:
+        if steps_on_device:
+            counts = torch.stack(steps).to(device, torch.float32)
         else:
             counts = _to_device([float(s) for s in steps], torch.float32, device)
         bias1 = 1 - torch.pow(beta1, counts)

@@ -31,6 +31,12 @@ from scaleinv.projection import (
 __all__ = ["AdamP", "adamp"]
 
 
+def _step_on_device(group: dict[str, Any]) -> bool:
+    """Step counters live on the param's device for capturable or fused groups (as in
+    ``torch.optim.Adam``): a fused step then reads no counter on the host."""
+    return bool(group["capturable"] or group["fused"])
+
+
 class AdamP(ProjectingOptimizer):
     r"""AdamP (Heo et al., ICLR 2021), numerically faithful to the official ``adamp`` 0.3.0.
 
@@ -123,7 +129,8 @@ class AdamP(ProjectingOptimizer):
             for p in group["params"]:
                 p_state = self.state.get(p, {})
                 if "step" in p_state:
-                    p_state["step"] = as_step_counter(p_state["step"], p, group["capturable"])
+                    p_state["step"] = as_step_counter(p_state["step"], p,
+                                                      _step_on_device(group))
 
     def _init_group(
         self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
@@ -136,7 +143,7 @@ class AdamP(ProjectingOptimizer):
             state = self.state[p]
             if len(state) == 0:
                 check_flat_shard(self, p, group)
-                state["step"] = new_step_counter(p, group["capturable"])
+                state["step"] = new_step_counter(p, _step_on_device(group))
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             params.append(p)

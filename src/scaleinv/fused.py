@@ -143,8 +143,41 @@ def _row_views(w: Tensor, grad: Tensor, states: list[Tensor]) -> list[Tensor] | 
     return [_unviewed(t) for t in (views[0], grad_rows, *views[1:])]  # type: ignore[arg-type]
 
 
-def _as_real(tensors: list[Tensor]) -> list[Tensor]:
-    return [torch.view_as_real(t) if torch.is_complex(t) else t for t in tensors]
+def _split_triton(
+    params: list[Tensor], grads: list[Tensor], states: list[list[Tensor]],
+) -> tuple[list[int], list[list[Tensor]], list[int]]:
+    """As :func:`_split` for the Triton kernels, with the inputs as columns ``[ws, gs,
+    *states]``. The kernels read each tensor from its first element in ``w``'s memory order:
+    the tensors themselves where all are contiguous (the usual case, checked first: this runs
+    per tensor per step, before the first launch), else row views."""
+    columns: list[list[Tensor]] = [params, grads, *states]
+    last = states[-1]
+    if all(
+        w.is_contiguous() and g.is_contiguous() and a.is_contiguous() and b.is_contiguous()
+        and w.numel() and not is_dtensor(w)
+        for w, g, a, b in zip(params, grads, states[0], last, strict=True)
+    ):
+        return list(range(len(params))), columns, []
+    taken: list[int] = []
+    left: list[int] = []
+    kept: list[list[Tensor]] = [[] for _ in columns]
+    for i, tensors in enumerate(zip(*columns, strict=True)):
+        w, g, *tensor_states = tensors
+        rows = None if is_dtensor(w) else _row_views(w, g, tensor_states)
+        if rows is None:  # shards go where the test is all-reduced
+            left.append(i)
+            continue
+        taken.append(i)
+        for column, t in zip(kept, rows, strict=True):
+            column.append(t)
+    return taken, kept, left
+
+
+def _as_real(tensors: list[Tensor], dtype: torch.dtype) -> list[Tensor]:
+    """Complex tensors as their real views (``dtype``: the group's, checked once)."""
+    if not dtype.is_complex:
+        return tensors
+    return [torch.view_as_real(t) for t in tensors]
 
 
 def _native_step(step: Tensor) -> bool:
@@ -157,8 +190,8 @@ def _split(
 ) -> tuple[list[int], list[list[Tensor]], list[int]]:
     """Indices the backend takes with its inputs (``[w, g, *states]`` per tensor), and the
     indices left to the multi-tensor body. The compiled backend takes only tensors it may
-    project; the native and Triton ones take every tensor they can read (the native one with
-    a float32 CPU step counter where there is one)."""
+    project; the native one takes every tensor it can read (with a float32 CPU step counter
+    where there is one)."""
     taken: list[int] = []
     inputs: list[list[Tensor]] = []
     left: list[int] = []
@@ -170,7 +203,7 @@ def _split(
             tensor_inputs = None
             if steps is None or _native_step(steps[i]):
                 tensor_inputs = _native_tensors(w, g, tensor_states)
-        elif backend == "triton" or (w.dim() >= 2 and scale_invariant is not False):
+        elif w.dim() >= 2 and scale_invariant is not False:
             tensor_inputs = _row_views(w, g, tensor_states)
         else:
             tensor_inputs = None
@@ -331,22 +364,30 @@ def fused_adamp(
         scale_invariant=scale_invariant,
     )
     for (device, dtype), ((d_params, d_grads, d_ms, d_vs, d_steps), _) in grouped.items():
-        d_params, d_grads, d_ms, d_vs = (_as_real(ts) for ts in (d_params, d_grads, d_ms, d_vs))
+        d_params, d_grads, d_ms, d_vs = (_as_real(ts, dtype) for ts in (d_params, d_grads, d_ms,
+                                                                        d_vs))
         chosen = _resolve(backend, device, dtype)
-        taken, inputs, left = _split(d_params, d_grads, [d_ms, d_vs], chosen, scale_invariant,
-                                     d_steps)
-        if taken:
-            steps = [d_steps[i] for i in taken]
-            if chosen == "native":
-                _native_adamp(inputs, steps, **hyper)
-            elif chosen == "triton":
-                _triton_adamp(inputs, steps, [d_params[i] for i in taken], **hyper)
-            else:
-                _tensorwise_adamp(inputs, steps, backend=chosen, **hyper)
+        if chosen == "triton":
+            taken, columns, left = _split_triton(d_params, d_grads, [d_ms, d_vs])
+            if taken:
+                every = len(taken) == len(d_params)
+                _triton_adamp(
+                    columns, d_steps if every else [d_steps[i] for i in taken],
+                    d_params if every else [d_params[i] for i in taken], **hyper)
+        else:
+            taken, inputs, left = _split(d_params, d_grads, [d_ms, d_vs], chosen,
+                                         scale_invariant, d_steps)
+            if taken:
+                steps = [d_steps[i] for i in taken]
+                if chosen == "native":
+                    _native_adamp(inputs, steps, **hyper)
+                else:
+                    _tensorwise_adamp(inputs, steps, backend=chosen, **hyper)
         if left:
+            left_steps = [d_steps[i] for i in left]
             _multi_tensor_adamp(
-                *([ts[i] for i in left] for ts in (d_params, d_grads, d_ms, d_vs, d_steps)),
-                capturable=capturable, **hyper,
+                *([ts[i] for i in left] for ts in (d_params, d_grads, d_ms, d_vs)), left_steps,
+                capturable=capturable or left_steps[0].device.type != "cpu", **hyper,
             )
 
 
@@ -381,17 +422,18 @@ def _native_adamp(
 
 
 def _triton_adamp(
-    inputs: list[list[Tensor]], steps: list[Tensor], originals: list[Tensor], *,
+    columns: list[list[Tensor]], steps: list[Tensor], originals: list[Tensor], *,
     lr: float | Tensor, beta1: float, beta2: float, eps: float, weight_decay: float,
     delta: float, wd_ratio: float, nesterov: bool, maximize: bool,
     scale_invariant: ScaleInvariant,
 ) -> None:
-    """``inputs`` as ``[n, d]`` row views; ``originals``, the tensors they view, give the
-    modes (a 1-D tensor is never projected)."""
+    """``columns``: ``[ws, gs, ms, vs]`` from :func:`_split_triton`; ``originals``, the
+    params they stand for (real views of complex ones), give the modes (a 1-D tensor is
+    never projected)."""
     kernels = _triton()
     assert kernels is not None  # _resolve checked
     kernels.adamp_step(
-        *([t[k] for t in inputs] for k in range(4)), steps,
+        *columns, steps,
         _modes(originals, scale_invariant, kernels), lr=lr, beta1=beta1, beta2=beta2, eps=eps,
         weight_decay=weight_decay, wd_ratio=wd_ratio, delta=delta, nesterov=nesterov,
         maximize=maximize,
@@ -457,9 +499,13 @@ def fused_sgdp(
     )
     project_buffer = project_momentum and not nesterov
     for (device, dtype), ((d_params, d_grads, d_bufs), _) in grouped.items():
-        d_params, d_grads, d_bufs = (_as_real(ts) for ts in (d_params, d_grads, d_bufs))
+        d_params, d_grads, d_bufs = (_as_real(ts, dtype) for ts in (d_params, d_grads, d_bufs))
         chosen = _resolve(backend, device, dtype)
-        taken, inputs, left = _split(d_params, d_grads, [d_bufs], chosen, scale_invariant)
+        if chosen == "triton":
+            taken, columns, left = _split_triton(d_params, d_grads, [d_bufs])
+            inputs = []
+        else:
+            taken, inputs, left = _split(d_params, d_grads, [d_bufs], chosen, scale_invariant)
         if taken and chosen == "native":
             native_params = [t[0] for t in inputs]
             modes = _VIEWS.modes(native_params, _modes(native_params, scale_invariant))
@@ -472,8 +518,7 @@ def fused_sgdp(
             kernels = _triton()
             assert kernels is not None  # _resolve checked
             kernels.sgdp_step(
-                *([t[k] for t in inputs] for k in range(3)),
-                _modes([d_params[i] for i in taken], scale_invariant, kernels),
+                *columns, _modes([d_params[i] for i in taken], scale_invariant, kernels),
                 nesterov=nesterov, maximize=maximize, project_buffer=project_buffer,
                 **{k: v for k, v in constants.items() if k != "nesterov"},
             )
