@@ -200,13 +200,22 @@ def run_case(shape_set: str, family: str, kind: str, device: torch.device, steps
     checks = {"before": branches(params)}
     samples: dict[str, list[float]] = {}
     first: dict[str, float] = {}
+    failed: dict[str, str] = {}
     for _ in range(rounds):
         for name, make in make_family(kind).items():
-            optimizer = make(params)
-            first.setdefault(name, time_call(optimizer.step, device) * 1e3)  # state, compiles
-            optimizer.step()
-            times = samples.setdefault(name, [])
-            times.extend(time_call(optimizer.step, device) for _ in range(steps))
+            if name in failed:
+                continue
+            try:
+                optimizer = make(params)
+                first.setdefault(name, time_call(optimizer.step, device) * 1e3)  # state, compiles
+                optimizer.step()
+                times = [time_call(optimizer.step, device) for _ in range(steps)]
+            except Exception as error:  # one broken path must not hide the others' figures
+                failed[name] = f"{type(error).__name__}: {error}"
+                print(f"{name} failed: {failed[name]}", flush=True)
+                samples.pop(name, None)
+                continue
+            samples.setdefault(name, []).extend(times)
             del optimizer
             gc.collect()
     checks["after"] = branches(params)

@@ -15,6 +15,7 @@ installs it).
 from __future__ import annotations
 
 import importlib
+import os
 
 import pytest
 import torch
@@ -45,6 +46,8 @@ def triton_where_it_can(device: torch.device, dtype: torch.dtype) -> str:
     return "triton" if KERNELS.supports(dtype) else "eager"
 
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="CPU layouts, for the interpreter; on CUDA see tests/test_gpu.py")
 @pytest.mark.parametrize("optimizer", ["adamp", "sgdp"])
 def test_triton_backend_matches_single_tensor(optimizer: str, monkeypatch) -> None:
     monkeypatch.setattr(FUSED, "default_backend", triton_where_it_can)
