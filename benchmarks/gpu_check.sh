@@ -3,7 +3,7 @@
 # the GPU tests (no host sync, CUDA-graph capture, both fused backends against the reference,
 # the Triton kernels natively), then the step benchmark, the Triton tuning table, the
 # training-step benchmark, and last the slow (compiled-backend) GPU tests with the time left.
-# Results go to ${OUT:-gpu-results}/ (8 files). Usage, from the repository root, with the
+# Results go to ${OUT:-gpu-results}/ (8 files: what a lent machine sends back). Usage, from the repository root, with the
 # project importable (installed, or PYTHONPATH=src) and ``adamp`` for the official figures:
 #   bash benchmarks/gpu_check.sh            # BUDGET=540 seconds in all, by default
 set -uo pipefail
@@ -32,8 +32,7 @@ run 100 "$out/gpu-tests.txt" "$py" -m pytest -q -p no:cacheprovider tests/test_t
     --durations=5
 run 200 "$out/step-cuda.txt" "$py" benchmarks/step.py --device cuda --shapes resnet50,gpt2 \
     --steps 20 --rounds 3 --out "$out/step-cuda.json"
-run 70 "$out/triton-tuning.txt" "$py" benchmarks/triton_tuning.py --shapes resnet50,gpt2 \
-    --out "$out/triton-tuning.json"
+run 90 "$out/triton-tuning.txt" "$py" benchmarks/triton_tuning.py --shapes resnet50,gpt2 --profile
 run 45 "$out/train-cuda.txt" "$py" benchmarks/train_step.py --device cuda --width 64 \
     --batch 256 --steps 20 --out "$out/train-cuda.json"
 run 600 "$out/gpu-slow-tests.txt" "$py" -m pytest -q -p no:cacheprovider -m "gpu and slow" \

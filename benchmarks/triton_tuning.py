@@ -1,7 +1,8 @@
 """Where the time of a Triton fused step goes, and which chunk size suits a card (CUDA only).
 
 For each shape set and kind of gradient this prints, for ``torch.optim.AdamW(fused=True)`` and
-AdamP with the Triton backend at several chunk sizes (``scaleinv._fused_triton.BLOCK``):
+AdamP with the Triton backend at several chunk sizes and warps per program
+(``scaleinv._fused_triton.BLOCK``, ``NUM_WARPS``):
 
 * ``step ms``: one ``step()`` with the device drained before and after (what
   ``benchmarks/step.py`` reports);
@@ -10,14 +11,16 @@ AdamP with the Triton backend at several chunk sizes (``scaleinv._fused_triton.B
 * ``queued ms``: per step over many steps queued back to back, then drained (the device time,
   where the host keeps ahead).
 
-    python benchmarks/triton_tuning.py --shapes resnet50,gpt2 --blocks 256,512,1024,2048
+    python benchmarks/triton_tuning.py --shapes resnet50,gpt2 --configs 256x4,512x2 --profile
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import functools
 import json
+import pstats
 import statistics
 import time
 from collections.abc import Callable
@@ -56,16 +59,30 @@ def measure(optimizer: torch.optim.Optimizer, steps: int) -> dict[str, float]:
             "queued ms": 1e3 * queued}
 
 
+def profile_host(params: list[torch.Tensor], steps: int) -> None:
+    """The 15 functions with the most host time over ``steps`` default fused AdamP steps."""
+    optimizer = scaleinv.AdamP(params, lr=1e-7, fused=True)
+    optimizer.step()
+    torch.cuda.synchronize()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(steps):
+        optimizer.step()
+    profiler.disable()
+    torch.cuda.synchronize()
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(15)
+
+
 def optimizers(params: list[torch.Tensor], kind: str,
-               blocks: list[int]) -> dict[str, Callable[[], torch.optim.Optimizer]]:
-    def at_block(block: int) -> torch.optim.Optimizer:
-        _fused_triton.BLOCK = block
+               configs: list[tuple[int, int]]) -> dict[str, Callable[[], torch.optim.Optimizer]]:
+    def at(block: int, warps: int) -> torch.optim.Optimizer:
+        _fused_triton.BLOCK, _fused_triton.NUM_WARPS = block, warps
         return scaleinv.AdamP(params, lr=1e-7, fused=True)
 
     makers: dict[str, Callable[[], torch.optim.Optimizer]] = {
         "AdamW fused": lambda: torch.optim.AdamW(params, lr=1e-7, fused=True)}
-    for block in blocks:
-        makers[f"AdamP triton BLOCK={block}"] = functools.partial(at_block, block)
+    for block, warps in configs:
+        makers[f"AdamP triton {block}x{warps}"] = functools.partial(at, block, warps)
     if kind == "channel":
         makers["AdamP triton, channel given"] = lambda: scaleinv.AdamP(
             [{"params": [p for p in params if p.dim() >= 2], "scale_invariant": "channel"},
@@ -78,13 +95,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", default="resnet50,gpt2")
     parser.add_argument("--grads", default="none,channel")
-    parser.add_argument("--blocks", default="256,512,1024,2048")
+    parser.add_argument("--configs", default="256x4,256x2,256x1,512x4,512x2,128x1",
+                        help="BLOCKxNUM_WARPS of the looped passes")
+    parser.add_argument("--profile", action="store_true",
+                        help="also print where the host time of a default step goes (cProfile)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     device = torch.device("cuda")
-    blocks = [int(b) for b in args.blocks.split(",")]
-    block_default = _fused_triton.BLOCK
+    configs = [tuple(int(x) for x in c.split("x")) for c in args.configs.split(",")]
+    defaults = _fused_triton.BLOCK, _fused_triton.NUM_WARPS
     rows = []
     for shape_set in args.shapes.split(","):
         generator = torch.Generator().manual_seed(0)
@@ -94,15 +114,17 @@ def main() -> None:
             for p in params:
                 p.grad = make_gradient(p, kind, generator)
             baseline = None
-            for name, make in optimizers(params, kind, blocks).items():
+            for name, make in optimizers(params, kind, configs).items():  # type: ignore[arg-type]
                 result = measure(make(), args.steps)
-                _fused_triton.BLOCK = block_default
+                _fused_triton.BLOCK, _fused_triton.NUM_WARPS = defaults
                 baseline = baseline or result["step ms"]
                 rows.append({"shapes": shape_set, "grads": kind, "optimizer": name, **result,
                              "x AdamW fused": result["step ms"] / baseline})
                 print(f"{shape_set:9s} {kind:8s} {name:30s} " + " ".join(
                     f"{k} {v:7.3f}" for k, v in rows[-1].items() if isinstance(v, float)),
                     flush=True)
+        if args.profile:
+            profile_host(params, args.steps)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"torch": torch.__version__, "gpu": torch.cuda.get_device_name(),

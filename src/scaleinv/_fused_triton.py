@@ -27,6 +27,7 @@ interpreter, ``TRITON_INTERPRET=1``). SGDP uses the same kernels with its own st
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -39,14 +40,18 @@ from torch import Tensor
 __all__ = ["MAX_ROW_IN_REGISTERS", "PLAIN_ROW", "adamp_step", "sgdp_step", "supports"]
 
 MODE_PLAIN, MODE_AUTO, MODE_CHANNEL, MODE_LAYER = 0, 1, 2, 3
-BLOCK = 1024  # elements per chunk of a looped row
-PLAIN_ROW = 8 * BLOCK  # row length of a tensor that is never projected
+BLOCK = 256  # elements per chunk of a looped row (best of 256..2048 on an H200)
+NUM_WARPS = 4  # per program of the looped passes
+PLAIN_ROW = 8192  # row length of a tensor that is never projected
 MAX_ROW_IN_REGISTERS = 8192
 DECIDE_BLOCK = 1024  # rows per chunk of the decision kernel
 _META = 5  # int64 per tensor: numel, row length, mode, first row, number of rows
 # The same numbers as seen from inside a kernel (which reads only constexpr globals).
 _K_META = tl.constexpr(_META)
 _K_PLAIN, _K_CHANNEL, _K_LAYER = (tl.constexpr(m) for m in (MODE_PLAIN, MODE_CHANNEL, MODE_LAYER))
+# Where a kernel takes the step sizes from: its arguments, a [K, 4] table, the step counters.
+FROM_ARGUMENTS, FROM_TABLE, FROM_COUNTERS = 0, 1, 2
+_K_FROM_TABLE, _K_FROM_COUNTERS = tl.constexpr(FROM_TABLE), tl.constexpr(FROM_COUNTERS)
 _DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
@@ -97,15 +102,37 @@ def _coefficient(wp, ww, eps):
 
 
 @triton.jit
-def _scalars(scalars, t, step_size, rsqrt, decay_plain, decay_projected,
-             PER_TENSOR: tl.constexpr):
-    """Step size, ``1 / sqrt(1 - beta2^t)`` and the two decay factors of tensor ``t``: the
-    arguments, or row ``t`` of the ``[K, 4]`` device array ``scalars``."""
-    if PER_TENSOR:
+def _power(base_hi, base_lo, exponent):
+    """``base^n`` in float64 for a whole number ``n = exponent`` below ``2^25`` (repeated
+    squaring); ``base = base_hi + base_lo``, two float32 numbers that keep float64 precision."""
+    base = tl.cast(base_hi, tl.float64) + tl.cast(base_lo, tl.float64)
+    n = exponent.to(tl.int64)
+    result = base * 0.0 + 1.0
+    for _ in tl.static_range(25):  # float32 counters stop at 2^24
+        result = tl.where((n & 1) == 1, result * base, result)
+        base = base * base
+        n = n >> 1
+    return result
+
+
+@triton.jit
+def _scalars(scalars, table, K, t, step_size, rsqrt, decay_plain, decay_projected,
+             b1_hi, b1_lo, b2_hi, b2_lo, SOURCE: tl.constexpr):
+    """Step size, ``1 / sqrt(1 - beta2^t)`` and the two decay factors of tensor ``t``. Where
+    from (``SOURCE``): the arguments; row ``t`` of the ``[K, 4]`` device array ``scalars``; or
+    the tensor's step counter (row 4 of ``table``), with ``step_size`` holding ``lr``:
+    ``lr / (1 - beta1^t)`` and ``1 / sqrt(1 - beta2^t)`` from ``beta = b_hi + b_lo``."""
+    if SOURCE == _K_FROM_TABLE:
         step_size = tl.load(scalars + 4 * t)
         rsqrt = tl.load(scalars + 4 * t + 1)
         decay_plain = tl.load(scalars + 4 * t + 2)
         decay_projected = tl.load(scalars + 4 * t + 3)
+    elif SOURCE == _K_FROM_COUNTERS:
+        count = tl.load(tl.load(table + 4 * K + t).to(tl.pointer_type(tl.float32)))
+        bias1 = (1.0 - _power(b1_hi, b1_lo, count)).to(tl.float32)
+        bias2 = (1.0 - _power(b2_hi, b2_lo, count)).to(tl.float32)
+        step_size = step_size / bias1
+        rsqrt = 1.0 / tl.sqrt_rn(bias2)
     return step_size, rsqrt, decay_plain, decay_projected
 
 
@@ -136,15 +163,17 @@ def _row(table, meta, row_tensor, r, K, DTYPE: tl.constexpr):
 def _first_pass(
     table, meta, row_tensor, rows, stats, scalars, K,
     c1, c2, eps, sign, step_size, rsqrt, decay_plain, decay_projected,
+    b1_hi, b1_lo, b2_hi, b2_lo,
     DTYPE: tl.constexpr, IS_ADAM: tl.constexpr, NESTEROV: tl.constexpr,
-    PER_TENSOR: tl.constexpr, BLOCK: tl.constexpr,
+    SOURCE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Never-projected rows: the whole step. Other rows: new state, and the row's sums
     ``(|g|^2, <g, w>, |w|^2, <w, p>)`` into ``stats[r]``."""
     r = tl.load(rows + tl.program_id(0))
     t, mode, length, w_ptr, g_ptr, a_ptr, b_ptr = _row(table, meta, row_tensor, r, K, DTYPE)
     step_size, rsqrt, decay_plain, decay_projected = _scalars(
-        scalars, t, step_size, rsqrt, decay_plain, decay_projected, PER_TENSOR)
+        scalars, table, K, t, step_size, rsqrt, decay_plain, decay_projected, b1_hi, b1_lo,
+        b2_hi, b2_lo, SOURCE)
     offsets = tl.arange(0, BLOCK)
     gg = tl.zeros([BLOCK], dtype=tl.float32)
     gw = tl.zeros([BLOCK], dtype=tl.float32)
@@ -182,15 +211,17 @@ def _first_pass(
 def _channel_single_pass(
     table, meta, row_tensor, rows, scalars, K,
     c1, c2, eps, sign, step_size, rsqrt, decay_plain, decay_projected,
+    b1_hi, b1_lo, b2_hi, b2_lo,
     DTYPE: tl.constexpr, IS_ADAM: tl.constexpr, NESTEROV: tl.constexpr,
-    PER_TENSOR: tl.constexpr, PROJECT_BUFFER: tl.constexpr, BLOCK: tl.constexpr,
+    SOURCE: tl.constexpr, PROJECT_BUFFER: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """A row of a tensor annotated ``"channel"``, whole in registers (``length <= BLOCK``):
     new state, ``p``, ``s = <w, p> / (|w| + eps)^2``, then ``w <- w (decay + lr s) - lr p``."""
     r = tl.load(rows + tl.program_id(0))
     t, mode, length, w_ptr, g_ptr, a_ptr, b_ptr = _row(table, meta, row_tensor, r, K, DTYPE)
     step_size, rsqrt, decay_plain, decay_projected = _scalars(
-        scalars, t, step_size, rsqrt, decay_plain, decay_projected, PER_TENSOR)
+        scalars, table, K, t, step_size, rsqrt, decay_plain, decay_projected, b1_hi, b1_lo,
+        b2_hi, b2_lo, SOURCE)
     offsets = tl.arange(0, BLOCK)
     mask = offsets < length
     g = tl.load(g_ptr + offsets, mask=mask, other=0.0).to(tl.float32) * sign
@@ -257,15 +288,17 @@ def _decide(meta, thresholds, tensors, stats, views, eps, BLOCK: tl.constexpr):
 def _second_pass(
     table, meta, row_tensor, rows, stats, views, scalars, K,
     c1, eps, sign, step_size, rsqrt, decay_plain, decay_projected,
+    b1_hi, b1_lo, b2_hi, b2_lo,
     DTYPE: tl.constexpr, IS_ADAM: tl.constexpr, NESTEROV: tl.constexpr,
-    PER_TENSOR: tl.constexpr, PROJECT_BUFFER: tl.constexpr, BLOCK: tl.constexpr,
+    SOURCE: tl.constexpr, PROJECT_BUFFER: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """The weight of a row whose tensor took the test: ``w <- w (decay + lr s) - lr p`` with
     ``p`` recomputed from the new state and ``s`` the view's coefficient (0: no view)."""
     r = tl.load(rows + tl.program_id(0))
     t, mode, length, w_ptr, g_ptr, a_ptr, b_ptr = _row(table, meta, row_tensor, r, K, DTYPE)
     step_size, rsqrt, decay_plain, decay_projected = _scalars(
-        scalars, t, step_size, rsqrt, decay_plain, decay_projected, PER_TENSOR)
+        scalars, table, K, t, step_size, rsqrt, decay_plain, decay_projected, b1_hi, b1_lo,
+        b2_hi, b2_lo, SOURCE)
     view = tl.load(views + 2 * t)
     channel_s = _coefficient(tl.load(stats + 4 * r + 3), tl.load(stats + 4 * r + 2), eps)
     s = tl.where(view == 1.0, channel_s, tl.where(view == 2.0, tl.load(views + 2 * t + 1), 0.0))
@@ -395,34 +428,44 @@ def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> Tensor
 
 def _pointer_table(tensors: list[list[Tensor]], device: torch.device) -> Tensor:
     """int64 ``[4, K]``: the addresses of ``w``, ``g``, and the two states of every tensor."""
-    pointers = tuple(t.data_ptr() for column in tensors for t in column)
+    pointers = tuple(map(Tensor.data_ptr, itertools.chain.from_iterable(tensors)))
     return _POINTERS.get((device, pointers), lambda: _to_device(list(pointers), torch.int64,
                                                                  device))
 
 
+def _split_float(x: float) -> tuple[float, float]:
+    """``x`` as two float32 numbers whose float64 sum is ``x`` to about 48 bits."""
+    hi = float(torch.tensor(x, dtype=torch.float32))
+    return hi, float(torch.tensor(x - hi, dtype=torch.float32))
+
+
 def _launch(
     params: list[Tensor], grads: list[Tensor], states_a: list[Tensor],
-    states_b: list[Tensor] | None, modes: list[int], scalars: Tensor | None,
-    constants: dict[str, float], *, is_adam: bool, nesterov: bool, project_buffer: bool,
-    delta: float, eps: float,
+    states_b: list[Tensor] | None, counters: list[Tensor] | None, modes: list[int],
+    source: int, scalars: Tensor | None, constants: dict[str, float], *, is_adam: bool,
+    nesterov: bool, project_buffer: bool, delta: float, eps: float,
 ) -> None:
+    """The passes over one group. ``source`` (``FROM_*``) says where the step sizes come
+    from: ``constants``, the ``[K, 4]`` array ``scalars``, or the step ``counters``."""
     device = params[0].device
     plan: _Plan = _PLANS.get(_layout_key(params, modes, delta),
                              lambda: _build_plan(params, modes, delta))  # type: ignore[assignment]
-    table = _pointer_table([params, grads, states_a, states_b or states_a], device)
+    table = _pointer_table([params, grads, states_a, states_b or states_a, counters or params],
+                           device)
     stats = torch.empty((plan.n_rows, 4), dtype=torch.float32, device=device)
     views = torch.empty((len(params), 2), dtype=torch.float32, device=device)
     common = dict(DTYPE=_DTYPES[params[0].dtype], IS_ADAM=is_adam, NESTEROV=nesterov,
-                  PER_TENSOR=scalars is not None)
-    scalar_table = scalars if scalars is not None else stats  # never read without PER_TENSOR
+                  SOURCE=source)
+    scalar_table = scalars if scalars is not None else stats  # read only FROM_TABLE
     K = len(params)
     step = (constants["step_size"], constants["rsqrt"], constants["decay_plain"],
-            constants["decay_projected"])
+            constants["decay_projected"], *_split_float(constants["c1"]),
+            *_split_float(constants["c2"]))
     c1, c2, sign = constants["c1"], constants["c2"], constants["sign"]
     if plan.looped_rows.numel():
         _first_pass[(plan.looped_rows.numel(),)](
             table, plan.meta, plan.row_tensor, plan.looped_rows, stats, scalar_table, K,
-            c1, c2, eps, sign, *step, BLOCK=BLOCK, **common)
+            c1, c2, eps, sign, *step, BLOCK=BLOCK, num_warps=NUM_WARPS, **common)
     for block, rows in plan.single_rows:
         _channel_single_pass[(rows.numel(),)](
             table, plan.meta, plan.row_tensor, rows, scalar_table, K, c1, c2, eps, sign,
@@ -433,7 +476,8 @@ def _launch(
                                          views, eps, BLOCK=DECIDE_BLOCK)
         _second_pass[(plan.second_rows.numel(),)](
             table, plan.meta, plan.row_tensor, plan.second_rows, stats, views, scalar_table, K,
-            c1, eps, sign, *step, PROJECT_BUFFER=project_buffer, BLOCK=BLOCK, **common)
+            c1, eps, sign, *step, PROJECT_BUFFER=project_buffer, BLOCK=BLOCK,
+            num_warps=NUM_WARPS, **common)
 
 
 def adamp_step(
@@ -445,40 +489,45 @@ def adamp_step(
     """One AdamP step of ``params`` (one device and dtype, rows as blocks of memory) with
     per-tensor ``modes`` (``MODE_*``). Increments ``steps``.
 
-    Step counters and ``lr`` on the host give the step sizes as numbers (kernel arguments, or
-    a small table where the counters differ); counters on the device (capturable) or a device
-    ``lr`` give them as a ``[K, 4]`` device array computed there, never read back."""
+    Float32 step counters on the params' device (fused, capturable) are read by the kernels,
+    which compute the bias corrections themselves; counters on the host of a GPU give the step
+    sizes as numbers (arguments, or a small table where the counters differ); a ``lr`` on the
+    device gives a ``[K, 4]`` device array computed there. Nothing is read back from the
+    device."""
     device = params[0].device
     torch._foreach_add_(steps, 1)
     if isinstance(lr, Tensor) and lr.device.type == "cpu":
         lr = float(lr)
     constants = dict(c1=float(beta1), c2=float(beta2), sign=-1.0 if maximize else 1.0,
                      step_size=0.0, rsqrt=0.0, decay_plain=0.0, decay_projected=0.0)
-    scalars = None
-    steps_on_device = steps[0].device.type != "cpu"  # a group keeps all its counters alike
-    if isinstance(lr, Tensor) or steps_on_device:
+    source, scalars, counters = FROM_ARGUMENTS, None, None
+    steps_on_device = steps[0].device == device  # a group keeps all its counters alike
+    if isinstance(lr, Tensor):
         if steps_on_device:
             counts = torch.stack(steps).to(device, torch.float32)
         else:
             counts = _to_device([float(s) for s in steps], torch.float32, device)
-        bias1 = 1 - torch.pow(beta1, counts)
-        bias2 = 1 - torch.pow(beta2, counts)
         lr_decay = lr * weight_decay
-        scalars = torch.stack([
-            lr / bias1, bias2.rsqrt(),
+        source, scalars = FROM_TABLE, torch.stack([
+            lr / (1 - torch.pow(beta1, counts)), (1 - torch.pow(beta2, counts)).rsqrt(),
             torch.ones_like(counts) - lr_decay, torch.ones_like(counts) - lr_decay * wd_ratio,
         ], dim=1)
+    elif steps_on_device and steps[0].dtype == torch.float32:
+        source, counters = FROM_COUNTERS, steps
+        constants.update(step_size=lr, decay_plain=1 - lr * weight_decay,
+                         decay_projected=1 - lr * weight_decay * wd_ratio)
     else:
         per_tensor = [(lr / (1 - beta1**t), 1 / math.sqrt(1 - beta2**t))
-                      for t in (float(s) for s in steps)]
+                      for t in (float(s) for s in steps)]  # host counters: no device read
         decays = (1 - lr * weight_decay, 1 - lr * weight_decay * wd_ratio)
         if len(set(per_tensor)) == 1:
             constants.update(step_size=per_tensor[0][0], rsqrt=per_tensor[0][1],
                              decay_plain=decays[0], decay_projected=decays[1])
         else:
+            source = FROM_TABLE
             scalars = _to_device([[*x, *decays] for x in per_tensor], torch.float32, device)
-    _launch(params, grads, exp_avgs, exp_avg_sqs, modes, scalars, constants, is_adam=True,
-            nesterov=nesterov, project_buffer=False, delta=delta, eps=eps)
+    _launch(params, grads, exp_avgs, exp_avg_sqs, counters, modes, source, scalars, constants,
+            is_adam=True, nesterov=nesterov, project_buffer=False, delta=delta, eps=eps)
 
 
 def sgdp_step(
@@ -492,5 +541,6 @@ def sgdp_step(
     constants = dict(c1=float(momentum), c2=1.0 - float(dampening),
                      sign=-1.0 if maximize else 1.0, step_size=float(lr), rsqrt=1.0,
                      decay_plain=float(decay_plain), decay_projected=float(decay_projected))
-    _launch(params, grads, momentum_buffers, None, modes, None, constants, is_adam=False,
-            nesterov=nesterov, project_buffer=project_buffer, delta=delta, eps=eps)
+    _launch(params, grads, momentum_buffers, None, None, modes, FROM_ARGUMENTS, None, constants,
+            is_adam=False, nesterov=nesterov, project_buffer=project_buffer, delta=delta,
+            eps=eps)

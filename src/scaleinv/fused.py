@@ -151,12 +151,8 @@ def _split_triton(
     the tensors themselves where all are contiguous (the usual case, checked first: this runs
     per tensor per step, before the first launch), else row views."""
     columns: list[list[Tensor]] = [params, grads, *states]
-    last = states[-1]
-    if all(
-        w.is_contiguous() and g.is_contiguous() and a.is_contiguous() and b.is_contiguous()
-        and w.numel() and not is_dtensor(w)
-        for w, g, a, b in zip(params, grads, states[0], last, strict=True)
-    ):
+    if (all(all(map(Tensor.is_contiguous, column)) for column in columns)
+            and all(map(Tensor.numel, params)) and not any(map(is_dtensor, params))):
         return list(range(len(params))), columns, []
     taken: list[int] = []
     left: list[int] = []
