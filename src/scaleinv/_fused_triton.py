@@ -10,14 +10,15 @@ AdamP's passes, in arrays of one element per weight (DESIGN.md section 5):
 
 * never projected: one pass that updates the state and the weight, like
   ``torch.optim.AdamW(fused=True)`` (7 arrays);
-* ``scale_invariant="channel"``, rows of at most :data:`MAX_ROW_IN_REGISTERS` elements: one
-  pass, the row held in registers while ``<w_i, p_i>`` is summed (7 arrays); one launch per
-  power-of-two row length;
-* otherwise (``"auto"``, ``"layer"``, longer rows): pass 1 updates the state and writes each
-  row's sums ``|g_i|^2, <g_i, w_i>, |w_i|^2, <w_i, p_i>`` (6 arrays); a small decision kernel
-  (one program per tensor) runs the cosine test on those sums and writes the view and the
-  layer coefficient; pass 2 recomputes ``p`` from the new state and writes the weight (3 arrays,
-  4 with nesterov): 10 in all.
+* otherwise (``"auto"``, or a view given): pass 1 updates the state and writes each row's sums
+  ``|g_i|^2, <g_i, w_i>, |w_i|^2, <w_i, p_i>`` (6 arrays); a small decision kernel (one
+  program per tensor) runs the cosine test on those sums, or takes the given view, and writes
+  the view and the layer coefficient; pass 2 recomputes ``p`` from the new state and writes the
+  weight (3 arrays, 4 with nesterov): 10 in all.
+
+A one-pass kernel for ``scale_invariant="channel"`` (each row held in registers while
+``<w_i, p_i>`` is summed: 7 arrays) was measured slower on an H200 than these two passes (one
+program per row of up to 8192 elements leaves too few programs per SM), and was dropped.
 
 The decision never leaves the device: no host synchronisation. The cosine test and the
 projection coefficient are the maths of :mod:`scaleinv.projection` written again for a kernel;
@@ -37,13 +38,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["MAX_ROW_IN_REGISTERS", "PLAIN_ROW", "adamp_step", "sgdp_step", "supports"]
+__all__ = ["PLAIN_ROW", "adamp_step", "sgdp_step", "supports"]
 
 MODE_PLAIN, MODE_AUTO, MODE_CHANNEL, MODE_LAYER = 0, 1, 2, 3
 BLOCK = 256  # elements per chunk of a looped row (best of 256..2048 on an H200)
 NUM_WARPS = 4  # per program of the looped passes
 PLAIN_ROW = 8192  # row length of a tensor that is never projected
-MAX_ROW_IN_REGISTERS = 8192
 DECIDE_BLOCK = 1024  # rows per chunk of the decision kernel
 _META = 5  # int64 per tensor: numel, row length, mode, first row, number of rows
 # The same numbers as seen from inside a kernel (which reads only constexpr globals).
@@ -208,41 +208,6 @@ def _first_pass(
 
 
 @triton.jit
-def _channel_single_pass(
-    table, meta, row_tensor, rows, scalars, K,
-    c1, c2, eps, sign, step_size, rsqrt, decay_plain, decay_projected,
-    b1_hi, b1_lo, b2_hi, b2_lo,
-    DTYPE: tl.constexpr, IS_ADAM: tl.constexpr, NESTEROV: tl.constexpr,
-    SOURCE: tl.constexpr, PROJECT_BUFFER: tl.constexpr, BLOCK: tl.constexpr,
-):
-    """A row of a tensor annotated ``"channel"``, whole in registers (``length <= BLOCK``):
-    new state, ``p``, ``s = <w, p> / (|w| + eps)^2``, then ``w <- w (decay + lr s) - lr p``."""
-    r = tl.load(rows + tl.program_id(0))
-    t, mode, length, w_ptr, g_ptr, a_ptr, b_ptr = _row(table, meta, row_tensor, r, K, DTYPE)
-    step_size, rsqrt, decay_plain, decay_projected = _scalars(
-        scalars, table, K, t, step_size, rsqrt, decay_plain, decay_projected, b1_hi, b1_lo,
-        b2_hi, b2_lo, SOURCE)
-    offsets = tl.arange(0, BLOCK)
-    mask = offsets < length
-    g = tl.load(g_ptr + offsets, mask=mask, other=0.0).to(tl.float32) * sign
-    a = tl.load(a_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    b = a
-    if IS_ADAM:
-        b = tl.load(b_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    a, b = _new_state(g, a, b, c1, c2, IS_ADAM)
-    p = _direction(g, a, b, c1, rsqrt, eps, IS_ADAM, NESTEROV)
-    w = tl.load(w_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    s = _coefficient(tl.sum(w * p, 0), tl.sum(w * w, 0), eps)
-    if PROJECT_BUFFER:
-        a = p - w * s
-    tl.store(a_ptr + offsets, a.to(DTYPE), mask=mask)
-    if IS_ADAM:
-        tl.store(b_ptr + offsets, b.to(DTYPE), mask=mask)
-    tl.store(w_ptr + offsets, (w * (decay_projected + step_size * s) - step_size * p).to(DTYPE),
-             mask=mask)
-
-
-@triton.jit
 def _decide(meta, thresholds, tensors, stats, views, eps, BLOCK: tl.constexpr):
     """One tensor: the view (``"auto"``: the cosine test on the row sums; else the annotation)
     into ``views[2t]`` and the layer coefficient ``<w, p> / (|w| + eps)^2`` into ``views[2t+1]``.
@@ -330,10 +295,9 @@ class _Plan:
     meta: Tensor  # int64 [K, _META]
     thresholds: Tensor  # float32 [K, 2]: delta / sqrt(d), delta / sqrt(n d)
     row_tensor: Tensor  # int32 [R]: the tensor of each global row
-    looped_rows: Tensor  # int64: rows of the first pass (all but single-pass ones)
+    looped_rows: Tensor  # int64: rows of the first pass
     second_rows: Tensor  # int64: rows of tensors that take the test or need two passes
     decided: Tensor  # int64: tensors of those rows
-    single_rows: list[tuple[int, Tensor]]  # (BLOCK, rows) per power-of-two row length
     n_rows: int
 
 
@@ -347,7 +311,6 @@ def _build_plan(params: list[Tensor], modes: list[int], delta: float) -> _Plan:
     looped: list[Tensor] = []
     second: list[Tensor] = []
     decided: list[int] = []
-    single: dict[int, list[Tensor]] = {}
     first_row = 0
     for t, (p, mode) in enumerate(zip(params, modes, strict=True)):
         numel = p.numel()
@@ -357,13 +320,10 @@ def _build_plan(params: list[Tensor], modes: list[int], delta: float) -> _Plan:
         thresholds.append([delta / math.sqrt(row_len), delta / math.sqrt(numel)])
         row_tensor.append(torch.full((n_rows,), t, dtype=torch.int32))
         rows = torch.arange(first_row, first_row + n_rows)
-        if mode == MODE_CHANNEL and row_len <= MAX_ROW_IN_REGISTERS:
-            single.setdefault(max(16, triton.next_power_of_2(row_len)), []).append(rows)
-        else:
-            looped.append(rows)
-            if mode != MODE_PLAIN:
-                second.append(rows)
-                decided.append(t)
+        looped.append(rows)
+        if mode != MODE_PLAIN:
+            second.append(rows)
+            decided.append(t)
         first_row += n_rows
 
     def on_device(rows: list[Tensor]) -> Tensor:
@@ -375,7 +335,6 @@ def _build_plan(params: list[Tensor], modes: list[int], delta: float) -> _Plan:
         row_tensor=_copy_to(torch.cat(row_tensor), device),
         looped_rows=on_device(looped), second_rows=on_device(second),
         decided=_to_device(decided, torch.int64, device),
-        single_rows=[(block, on_device(rows)) for block, rows in sorted(single.items())],
         n_rows=first_row,
     )
 
@@ -466,11 +425,6 @@ def _launch(
         _first_pass[(plan.looped_rows.numel(),)](
             table, plan.meta, plan.row_tensor, plan.looped_rows, stats, scalar_table, K,
             c1, c2, eps, sign, *step, BLOCK=BLOCK, num_warps=NUM_WARPS, **common)
-    for block, rows in plan.single_rows:
-        _channel_single_pass[(rows.numel(),)](
-            table, plan.meta, plan.row_tensor, rows, scalar_table, K, c1, c2, eps, sign,
-            *step, PROJECT_BUFFER=project_buffer, BLOCK=block,
-            num_warps=max(1, min(16, block // 512)), **common)
     if plan.decided.numel():
         _decide[(plan.decided.numel(),)](plan.meta, plan.thresholds, plan.decided, stats,
                                          views, eps, BLOCK=DECIDE_BLOCK)

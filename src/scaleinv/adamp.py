@@ -171,7 +171,8 @@ class AdamP(ProjectingOptimizer):
             beta1, beta2 = group["betas"]
             adamp(
                 params, grads, exp_avgs, exp_avg_sqs, steps,
-                foreach=resolve_foreach(group["foreach"], group["capturable"], params),
+                foreach=(False if group["fused"]
+                         else resolve_foreach(group["foreach"], group["capturable"], params)),
                 capturable=group["capturable"], lr=group["lr"], beta1=beta1, beta2=beta2,
                 eps=group["eps"], weight_decay=group["weight_decay"], delta=group["delta"],
                 wd_ratio=group["wd_ratio"], nesterov=group["nesterov"],

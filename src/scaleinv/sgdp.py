@@ -137,7 +137,8 @@ class SGDP(ProjectingOptimizer):
                 continue
             sgdp(
                 params, grads, buffers,
-                foreach=resolve_foreach(group["foreach"], False, params),
+                foreach=(False if group["fused"]
+                         else resolve_foreach(group["foreach"], False, params)),
                 lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"],
                 weight_decay=group["weight_decay"], nesterov=group["nesterov"],
                 eps=group["eps"], delta=group["delta"], wd_ratio=group["wd_ratio"],
