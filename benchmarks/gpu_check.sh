@@ -24,7 +24,7 @@ run() {  # run SECONDS LOG COMMAND...: at most SECONDS (and never past the budge
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     "$py" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
-    "$py" -c "import adamp; print('adamp', adamp.__version__)" || echo "adamp missing"
+    "$py" -c "import adamp; print('adamp importable from', adamp.__file__)" || echo "adamp missing"
 } 2>&1 | tee "$out/gpu.txt"
 run 110 "$out/gpu-tests.txt" "$py" -m pytest -q -p no:cacheprovider -m "gpu and not slow" \
     tests/test_gpu.py -rs --durations=5

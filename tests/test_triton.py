@@ -229,3 +229,43 @@ def test_default_backend_and_refusals(monkeypatch) -> None:
     cpu = [t.float() for t in (w, g, m, v)]
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         FUSED.fused_adamp(*([t] for t in cpu), [torch.zeros(())], backend="triton", **hp)
+
+
+def test_fused_none_takes_the_triton_path_where_it_runs(monkeypatch) -> None:
+    """``fused=None`` (the default): fused where the Triton kernels run (CUDA; stood in for
+    here by the interpreter on the CPU), unless ``foreach`` is given or the step is compiled;
+    the result equals an explicit ``fused=True``, and the step counters live on the device."""
+    common = importlib.import_module("scaleinv._common")
+    calls: list[str] = []
+    fused_adamp = FUSED.fused_adamp
+
+    def recording(*args, **kwargs) -> None:
+        calls.append("fused")
+        fused_adamp(*args, **kwargs)
+
+    monkeypatch.setattr(FUSED, "fused_adamp", recording)
+    monkeypatch.setattr(FUSED, "default_backend", triton_where_it_can)
+    monkeypatch.setattr(FUSED, "fused_by_default", lambda p: p.device.type == DEVICE.type)
+    init = kernel_params(seed=81)
+    default_params = [torch.nn.Parameter(w.to(DEVICE)) for w in init]
+    explicit_params = [torch.nn.Parameter(w.to(DEVICE)) for w in init]
+    default = AdamP(default_params, lr=1e-2, weight_decay=0.1)
+    explicit = AdamP(explicit_params, lr=1e-2, weight_decay=0.1, fused=True)
+    lockstep(default, explicit, default_params, explicit_params, KINDS, 2, seed=81)
+    assert calls == ["fused"] * 4
+    assert all(default.state[p]["step"].device == DEVICE for p in default_params)
+    assert default.param_groups[0]["fused"] is None  # the option itself is left as given
+    for w_default, w_explicit in zip(default_params, explicit_params, strict=True):
+        assert torch.equal(w_default, w_explicit)
+    assert not common.resolve_fused(None, True, default_params)
+    assert not common.resolve_fused(False, None, default_params)
+    assert not common.resolve_fused(None, None, [])
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert not common.resolve_fused(None, None, default_params)
+
+
+def test_fused_by_default_only_on_cuda() -> None:
+    assert not FUSED.fused_by_default(torch.zeros(2, 3))
+    if torch.cuda.is_available():
+        assert FUSED.fused_by_default(torch.zeros(2, 3, device="cuda"))
+        assert not FUSED.fused_by_default(torch.zeros(2, 3, device="cuda", dtype=torch.float64))

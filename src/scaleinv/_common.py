@@ -88,6 +88,20 @@ def as_step_counter(step: Any, p: Tensor, on_device: bool) -> Tensor:
     return counter
 
 
+def resolve_fused(fused: bool | None, foreach: bool | None, params: list[Tensor]) -> bool:
+    """``fused=None`` takes the fused path where its Triton kernels run (params on CUDA, of
+    float32/float16/bfloat16, Triton installed: there the multi-tensor body launches a dozen
+    small kernels per tensor), unless ``foreach`` is given or the step is being compiled (the
+    multi-tensor body is the traceable one); otherwise the choice given."""
+    if fused is not None:
+        return fused
+    if foreach is not None or not params or torch.compiler.is_compiling():
+        return False
+    from scaleinv.fused import fused_by_default
+
+    return fused_by_default(params[0])
+
+
 def resolve_foreach(foreach: bool | None, capturable: bool, params: list[Tensor]) -> bool:
     """``foreach=None`` picks like ``torch.optim``; ``capturable`` needs the sync-free body."""
     if foreach is None:

@@ -13,8 +13,8 @@ AdamP's passes, in arrays of one element per weight (DESIGN.md section 5):
 * otherwise (``"auto"``, or a view given): pass 1 updates the state and writes each row's sums
   ``|g_i|^2, <g_i, w_i>, |w_i|^2, <w_i, p_i>`` (6 arrays); a small decision kernel (one
   program per tensor) runs the cosine test on those sums, or takes the given view, and writes
-  the view and the layer coefficient; pass 2 recomputes ``p`` from the new state and writes the
-  weight (3 arrays, 4 with nesterov): 10 in all.
+  the view and the layer coefficient; pass 2 reads ``m``, ``v`` and ``w``, recomputes ``p``
+  and writes ``w`` (4 arrays, 5 with nesterov): 10 in all (SGDP: 4 + 3 = 7).
 
 A one-pass kernel for ``scale_invariant="channel"`` (each row held in registers while
 ``<w_i, p_i>`` is summed: 7 arrays) was measured slower on an H200 than these two passes (one

@@ -17,6 +17,7 @@ from scaleinv._common import (
     check_number,
     new_step_counter,
     resolve_foreach,
+    resolve_fused,
     step_value,
 )
 from scaleinv.distributed import check_flat_shard
@@ -31,10 +32,11 @@ from scaleinv.projection import (
 __all__ = ["AdamP", "adamp"]
 
 
-def _step_on_device(group: dict[str, Any]) -> bool:
+def _step_on_device(group: dict[str, Any], p: Tensor) -> bool:
     """Step counters live on the param's device for capturable or fused groups (as in
-    ``torch.optim.Adam``): a fused step then reads no counter on the host."""
-    return bool(group["capturable"] or group["fused"])
+    ``torch.optim.Adam``; ``fused=None`` as :func:`resolve_fused` decides): a fused step then
+    reads no counter on the host."""
+    return bool(group["capturable"]) or resolve_fused(group["fused"], group["foreach"], [p])
 
 
 class AdamP(ProjectingOptimizer):
@@ -63,8 +65,10 @@ class AdamP(ProjectingOptimizer):
         maximize: maximise the objective (``p.grad`` itself is left unchanged).
         foreach: multi-tensor, sync-free body; ``None`` picks like ``torch.optim``.
         capturable: keep step counters on the device so a step can be captured in a CUDA graph.
-        fused: the fused path (:mod:`scaleinv.fused`: C kernels on CPU, compiled kernels
-            elsewhere); ``None`` means ``False``. Not with ``foreach=True``.
+        fused: the fused path (:mod:`scaleinv.fused`: Triton kernels on CUDA, C kernels on CPU,
+            compiled kernels elsewhere). ``None``: fused for CUDA params where Triton is
+            installed, unless ``foreach`` is given or the step is compiled; else ``False``.
+            Not with ``foreach=True``.
         scale_invariant: ``"auto"`` (cosine test), ``"channel"``, ``"layer"`` or ``False``.
         allow_flat_params: step flat 1-D shards (FSDP1, DeepSpeed ZeRO) without projection, with
             a warning, instead of refusing them; see ``docs/distributed.md``.
@@ -130,7 +134,7 @@ class AdamP(ProjectingOptimizer):
                 p_state = self.state.get(p, {})
                 if "step" in p_state:
                     p_state["step"] = as_step_counter(p_state["step"], p,
-                                                      _step_on_device(group))
+                                                      _step_on_device(group, p))
 
     def _init_group(
         self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
@@ -143,7 +147,7 @@ class AdamP(ProjectingOptimizer):
             state = self.state[p]
             if len(state) == 0:
                 check_flat_shard(self, p, group)
-                state["step"] = new_step_counter(p, _step_on_device(group))
+                state["step"] = new_step_counter(p, _step_on_device(group, p))
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             params.append(p)
@@ -169,15 +173,17 @@ class AdamP(ProjectingOptimizer):
             if not params:
                 continue
             beta1, beta2 = group["betas"]
+            fused = resolve_fused(group["fused"], group["foreach"], params)
+            foreach = not fused and resolve_foreach(group["foreach"], group["capturable"], params)
             adamp(
-                params, grads, exp_avgs, exp_avg_sqs, steps,
-                foreach=(False if group["fused"]
-                         else resolve_foreach(group["foreach"], group["capturable"], params)),
-                capturable=group["capturable"], lr=group["lr"], beta1=beta1, beta2=beta2,
-                eps=group["eps"], weight_decay=group["weight_decay"], delta=group["delta"],
+                params, grads, exp_avgs, exp_avg_sqs, steps, foreach=foreach,
+                # counters left on the device by a fused step: the multi-tensor body keeps them
+                capturable=group["capturable"] or (foreach and steps[0].device.type != "cpu"),
+                lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                weight_decay=group["weight_decay"], delta=group["delta"],
                 wd_ratio=group["wd_ratio"], nesterov=group["nesterov"],
                 maximize=group["maximize"], scale_invariant=group["scale_invariant"],
-                fused=group["fused"],
+                fused=fused,
             )
         return loss
 

@@ -67,6 +67,12 @@ def _triton_runs_on(device: torch.device, dtype: torch.dtype) -> bool:
     return kernels is not None and on_device and kernels.supports(dtype)
 
 
+def fused_by_default(p: Tensor) -> bool:
+    """Whether ``fused=None`` takes the fused path for a group whose first param is ``p``: where
+    the Triton backend runs (a CUDA tensor, not a DTensor shard)."""
+    return p.device.type == "cuda" and not is_dtensor(p) and _triton_runs_on(p.device, p.dtype)
+
+
 def default_backend(device: torch.device, dtype: torch.dtype) -> Backend:
     """CPU: ``"native"`` for float32/float64 where the C kernels build, else ``"foreach"``;
     CUDA: ``"triton"`` for float32/float16/bfloat16 where Triton is installed; other devices

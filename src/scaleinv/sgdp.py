@@ -14,6 +14,7 @@ from scaleinv._common import (
     check_grad,
     check_number,
     resolve_foreach,
+    resolve_fused,
 )
 from scaleinv.distributed import check_flat_shard
 from scaleinv.projection import (
@@ -54,8 +55,10 @@ class SGDP(ProjectingOptimizer):
         project_momentum: also strip the radial part from the stored buffer (official quirk).
         maximize: maximise the objective (``p.grad`` itself is left unchanged).
         foreach: multi-tensor, sync-free body; ``None`` picks like ``torch.optim``.
-        fused: the fused path (:mod:`scaleinv.fused`: C kernels on CPU, compiled kernels
-            elsewhere); ``None`` means ``False``. Not with ``foreach=True``.
+        fused: the fused path (:mod:`scaleinv.fused`: Triton kernels on CUDA, C kernels on CPU,
+            compiled kernels elsewhere). ``None``: fused for CUDA params where Triton is
+            installed, unless ``foreach`` is given or the step is compiled; else ``False``.
+            Not with ``foreach=True``.
         scale_invariant: ``"auto"`` (cosine test), ``"channel"``, ``"layer"`` or ``False``.
         allow_flat_params: step flat 1-D shards (FSDP1, DeepSpeed ZeRO) without projection, with
             a warning, instead of refusing them; see ``docs/distributed.md``.
@@ -135,15 +138,15 @@ class SGDP(ProjectingOptimizer):
                 buffers.append(state["momentum"])
             if not params:
                 continue
+            fused = resolve_fused(group["fused"], group["foreach"], params)
             sgdp(
                 params, grads, buffers,
-                foreach=(False if group["fused"]
-                         else resolve_foreach(group["foreach"], False, params)),
+                foreach=not fused and resolve_foreach(group["foreach"], False, params),
                 lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"],
                 weight_decay=group["weight_decay"], nesterov=group["nesterov"],
                 eps=group["eps"], delta=group["delta"], wd_ratio=group["wd_ratio"],
                 project_momentum=group["project_momentum"], maximize=group["maximize"],
-                scale_invariant=group["scale_invariant"], fused=group["fused"],
+                scale_invariant=group["scale_invariant"], fused=fused,
             )
         return loss
 
