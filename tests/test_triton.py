@@ -70,6 +70,20 @@ def to_device(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return [t.to(DEVICE, copy=True) for t in tensors]
 
 
+def kernel_modes(weights: list[torch.Tensor], annotation: str) -> list[int]:
+    mode = getattr(KERNELS, f"MODE_{annotation.upper()}")
+    return [mode if w.dim() >= 2 else KERNELS.MODE_PLAIN for w in weights]
+
+
+def kernel_step_inputs(weights: list[torch.Tensor], generator: torch.Generator,
+                       ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """Gradients of each kind built from the current weights (on the CPU, for the reference),
+    the same on the device, and the weights as the kernels' ``[n, d]`` rows."""
+    grads = [make_grad(w.cpu(), kind, generator) for w, kind in zip(weights, KINDS, strict=True)]
+    rows = [w.view(w.shape[0] if w.dim() >= 2 else 1, -1) for w in weights]
+    return grads, to_device(grads), rows
+
+
 @pytest.mark.parametrize("annotation", ["auto", "channel", "layer"])
 @pytest.mark.parametrize("nesterov", [False, True])
 def test_adamp_kernels_branches_and_maths(nesterov: bool, annotation: str) -> None:
@@ -80,18 +94,15 @@ def test_adamp_kernels_branches_and_maths(nesterov: bool, annotation: str) -> No
     exp_avgs = [torch.zeros_like(w) for w in weights]
     exp_avg_sqs = [torch.zeros_like(w) for w in weights]
     steps = [torch.zeros(()) for _ in weights]
-    mode = getattr(KERNELS, f"MODE_{annotation.upper()}")
-    modes = [mode if w.dim() >= 2 else KERNELS.MODE_PLAIN for w in weights]
+    modes = kernel_modes(weights, annotation)
     generator = torch.Generator().manual_seed(31)
     for _ in range(STEPS):
-        grads = [make_grad(w.cpu(), kind, generator) for w, kind in zip(weights, KINDS,
-                                                                         strict=True)]
+        grads, device_grads, rows = kernel_step_inputs(weights, generator)
         reference.step(grads)
         KERNELS.adamp_step(
-            [w.view(w.shape[0] if w.dim() >= 2 else 1, -1) for w in weights], to_device(grads),
-            exp_avgs, exp_avg_sqs, steps, modes, lr=hp["lr"], beta1=0.9, beta2=0.999,
-            eps=hp["eps"], weight_decay=0.1, wd_ratio=0.1, delta=0.1, nesterov=nesterov,
-            maximize=False,
+            rows, device_grads, exp_avgs, exp_avg_sqs, steps, modes, lr=hp["lr"], beta1=0.9,
+            beta2=0.999, eps=hp["eps"], weight_decay=0.1, wd_ratio=0.1, delta=0.1,
+            nesterov=nesterov, maximize=False,
         )
     if annotation == "auto":
         assert reference.views[-1][1:7] == ["channel", "layer", None, "channel", "layer", None]
@@ -112,16 +123,13 @@ def test_sgdp_kernels_branches_and_maths(nesterov: bool, project_buffer: bool,
                               scale_invariant=annotation, **hp)
     weights = to_device(params)
     buffers = [torch.zeros_like(w) for w in weights]
-    mode = getattr(KERNELS, f"MODE_{annotation.upper()}")
-    modes = [mode if w.dim() >= 2 else KERNELS.MODE_PLAIN for w in weights]
+    modes = kernel_modes(weights, annotation)
     generator = torch.Generator().manual_seed(33)
     for _ in range(STEPS):
-        grads = [make_grad(w.cpu(), kind, generator) for w, kind in zip(weights, KINDS,
-                                                                         strict=True)]
+        grads, device_grads, rows = kernel_step_inputs(weights, generator)
         reference.step(grads)
         KERNELS.sgdp_step(
-            [w.view(w.shape[0] if w.dim() >= 2 else 1, -1) for w in weights], to_device(grads),
-            buffers, modes, lr=1e-2, momentum=0.9, dampening=0.2, eps=1e-8,
+            rows, device_grads, buffers, modes, lr=1e-2, momentum=0.9, dampening=0.2, eps=1e-8,
             decay_plain=1 - 1e-2 * 0.1 / 0.1, decay_projected=1 - 1e-2 * 0.1 * 0.1 / 0.1,
             delta=0.1, nesterov=nesterov, maximize=False, project_buffer=project_buffer,
         )

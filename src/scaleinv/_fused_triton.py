@@ -28,8 +28,10 @@ interpreter, ``TRITON_INTERPRET=1``). SGDP uses the same kernels with its own st
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
+import struct
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -41,7 +43,7 @@ from torch import Tensor
 __all__ = ["PLAIN_ROW", "adamp_step", "sgdp_step", "supports"]
 
 MODE_PLAIN, MODE_AUTO, MODE_CHANNEL, MODE_LAYER = 0, 1, 2, 3
-BLOCK = 256  # elements per chunk of a looped row (best of 256..2048 on an H200)
+BLOCK = 256  # elements per chunk of a row (H200: as good as 128 or 512; 1024, 2048 slower)
 NUM_WARPS = 4  # per program of the looped passes
 PLAIN_ROW = 8192  # row length of a tensor that is never projected
 DECIDE_BLOCK = 1024  # rows per chunk of the decision kernel
@@ -386,16 +388,18 @@ def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> Tensor
 
 
 def _pointer_table(tensors: list[list[Tensor]], device: torch.device) -> Tensor:
-    """int64 ``[4, K]``: the addresses of ``w``, ``g``, and the two states of every tensor."""
+    """int64 ``[5, K]`` on ``device``: the addresses of each tensor's ``w``, ``g``, two states
+    and step counter (rows of ``w`` again where there is none)."""
     pointers = tuple(map(Tensor.data_ptr, itertools.chain.from_iterable(tensors)))
     return _POINTERS.get((device, pointers), lambda: _to_device(list(pointers), torch.int64,
                                                                  device))
 
 
+@functools.lru_cache(maxsize=64)
 def _split_float(x: float) -> tuple[float, float]:
     """``x`` as two float32 numbers whose float64 sum is ``x`` to about 48 bits."""
-    hi = float(torch.tensor(x, dtype=torch.float32))
-    return hi, float(torch.tensor(x - hi, dtype=torch.float32))
+    hi = struct.unpack("f", struct.pack("f", x))[0]
+    return hi, struct.unpack("f", struct.pack("f", x - hi))[0]
 
 
 def _launch(
