@@ -1,7 +1,7 @@
 """The fused path (``fused=True``): a step in as few passes over memory as the maths allows.
 
 AdamP must know, for each tensor, whether the cosine test passes before any weight is written,
-so an exact step reads the tensor at least twice (DESIGN.md section 5). Two backends do it:
+so an exact step reads the tensor at least twice (DESIGN.md section 5). Three backends do it:
 
 * ``"native"`` (CPU, float32/float64): C kernels (:mod:`scaleinv._fused_cpu`), one call per
   group. The test reads ``g`` and ``w`` only; a tensor projected per channel is then updated
@@ -10,8 +10,8 @@ so an exact step reads the tensor at least twice (DESIGN.md section 5). Two back
   7. The layer view needs a third pass (12).
 * ``"triton"`` (CUDA, float32/float16/bfloat16, where Triton is installed): Triton kernels
   (:mod:`scaleinv._fused_triton`), one launch per pass over every tensor of a group: 10
-  arrays with the cosine test, 7 with ``scale_invariant="channel"`` or for tensors never
-  projected. On a CPU it runs only under Triton's interpreter (``TRITON_INTERPRET=1``, tests).
+  arrays for a tensor that may be projected (tested or annotated), 7 for one never projected.
+  On a CPU it runs only under Triton's interpreter (``TRITON_INTERPRET=1``, tests).
 * ``"compiled"`` (any device; the CUDA default where Triton is missing): one
   ``torch.compile(dynamic=True, fullgraph=True)`` kernel per tensor, written with
   :func:`scaleinv.projection.radial_coefficients`, so the decision stays on the device (no
