@@ -133,6 +133,16 @@ def _row_norms(x: Tensor) -> Tensor:
     return torch.linalg.vector_norm(channel_view(x), dim=1)
 
 
+def _channel_coefficients(wp: Tensor, w_norm: Tensor, eps: float) -> Tensor:
+    """``s_i = <w_i, p_i> / (|w_i| + eps)^2`` from the row dot products and norms."""
+    return wp / (w_norm + eps).square()
+
+
+def _layer_coefficient(wp: Tensor, w_norm: Tensor, eps: float) -> Tensor:
+    """``s = <w, p> / (|w| + eps)^2`` (0-dim) from the row dot products and norms."""
+    return wp.sum() / (w_norm.square().sum().sqrt() + eps).square()
+
+
 def invariance_flags(
     w: Tensor,
     g: Tensor,
@@ -148,13 +158,12 @@ def invariance_flags(
     given (``False``: neither), else the cosine test (channel view first, then layer view).
     ``w_norm``, the row norms ``|w_i|`` of the channel view, saves a pass when the caller has it.
     """
-    false = torch.zeros((), dtype=torch.bool, device=w.device)
+    if scale_invariant is not False and scale_invariant != "auto":
+        given = torch.ones((), dtype=torch.bool, device=w.device)
+        return (given, ~given) if scale_invariant == "channel" else (~given, given)
     if scale_invariant is False:
+        false = torch.zeros((), dtype=torch.bool, device=w.device)
         return false, false
-    if scale_invariant == "channel":
-        return ~false, false
-    if scale_invariant == "layer":
-        return false, ~false
     if w_norm is None:
         w_norm = _row_norms(w)
     g_norm = _row_norms(g)
@@ -197,16 +206,19 @@ def radial_coefficients(
         expand = (-1,) + (1,) * (w.dim() - 1)
         w_norm = _row_norms(w)
         wp = _rowwise_dot(w, p)
-        channel_coef = wp / (w_norm + eps).square()
-        layer_coef = wp.sum() / (w_norm.square().sum().sqrt() + eps).square()
         if flags is not None:
             use_channel, use_layer = flags[i]
         else:
             use_channel, use_layer = invariance_flags(
                 w, g, scale_invariant=scale_invariant, delta=delta, eps=eps, w_norm=w_norm
             )
-        zero = torch.zeros((), dtype=channel_coef.dtype, device=w.device)
-        coef = torch.where(use_channel, channel_coef, torch.where(use_layer, layer_coef, zero))
+        if flags is None and scale_invariant == "channel":  # the view is known on the host
+            coef = _channel_coefficients(wp, w_norm, eps)
+        else:
+            # a tensor, not 0.0: a Python number would make DTensor redistribute (FSDP2)
+            zero = torch.zeros((), dtype=wp.dtype, device=w.device)
+            coef = torch.where(use_channel, _channel_coefficients(wp, w_norm, eps),
+                               torch.where(use_layer, _layer_coefficient(wp, w_norm, eps), zero))
         coefficients.append(coef.reshape(expand))
         projected.append(use_channel | use_layer)
     return coefficients, projected
