@@ -9,6 +9,9 @@ take the same steps up to the order of floating-point sums.
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import importlib.util
 import json
 import os
 import socket
@@ -50,6 +53,33 @@ MODELS = ("cnn", "transformer")
 STRATEGIES = ("ddp", "fsdp2", "hsdp", "zero")
 
 
+@contextlib.contextmanager
+def triton_backend() -> Any:
+    """Fused steps take the Triton kernels (here on CPU processes: through Triton's interpreter,
+    which ``conftest.py`` switched on before these processes were spawned)."""
+    fused = importlib.import_module("scaleinv.fused")
+    default = fused.default_backend
+    fused.default_backend = lambda device, dtype: "triton"
+    try:
+        yield
+    finally:
+        fused.default_backend = default
+
+
+def with_triton(cls: type) -> type:
+    """``cls`` whose ``step`` runs under :func:`triton_backend`."""
+
+    class WithTriton(cls):  # type: ignore[valid-type,misc]
+        def step(self, closure: Any = None) -> Any:
+            with triton_backend():
+                return super().step(closure)
+
+    return WithTriton
+
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
 def projected_adamw(params: Any, **options: Any) -> torch.optim.Optimizer:
     """``scaleinv.project`` around ``torch.optim.AdamW``: the wrapper under the same tests."""
     return project(torch.optim.AdamW(params, **options))
@@ -61,6 +91,8 @@ OPTIMIZERS: dict[str, tuple[Callable[..., Any], dict[str, Any]]] = {
     "project_adamw": (projected_adamw, dict(lr=1e-2, weight_decay=1e-2)),
     "adamp_fused": (AdamP, dict(lr=1e-2, weight_decay=1e-2, fused=True)),
     "sgdp_fused": (SGDP, dict(lr=0.1, momentum=0.9, weight_decay=1e-3, fused=True)),
+    "adamp_triton": (with_triton(AdamP), dict(lr=1e-2, weight_decay=1e-2, fused=True)),
+    "sgdp_triton": (with_triton(SGDP), dict(lr=0.1, momentum=0.9, weight_decay=1e-3, fused=True)),
 }
 MODES = ("auto", "channel")
 FOREACH = (False, True)
@@ -71,14 +103,18 @@ def training_cases() -> list[str]:
 
     ``hsdp`` (FSDP2 on a 1 x 2 mesh: placements ``(Replicate(), Shard(0))``) runs AdamP ``auto``
     only: what it adds is a second mesh dimension, not another optimizer. The ``*_fused``
-    optimizers run with ``foreach=False`` only (the two options exclude each other); under FSDP2
-    their DTensor shards take the multi-tensor body, elsewhere the fused kernels.
+    optimizers run with ``foreach=False`` only (the two options exclude each other); on these
+    CPU processes their DTensor shards take the multi-tensor body, elsewhere the C kernels. The
+    ``*_triton`` ones take the Triton kernels (through the interpreter), FSDP2's row shards
+    included (one all-reduce of their row statistics per group); they run under DDP and FSDP2
+    (HSDP with AdamP ``auto``), where Triton is installed.
     """
     return [
         f"{s}/{m}/{o}/{mode}/foreach={f}"
         for s in STRATEGIES for m in MODELS for o in OPTIMIZERS for mode in MODES for f in FOREACH
-        if (s != "hsdp" or (o, mode) == ("adamp", "auto"))
-        and not (o.endswith("_fused") and f)  # fused excludes foreach
+        if (s != "hsdp" or (o, mode) in (("adamp", "auto"), ("adamp_triton", "auto")))
+        and not ((o.endswith("_fused") or o.endswith("_triton")) and f)  # fused: no foreach
+        and not (o.endswith("_triton") and (not HAS_TRITON or s == "zero"))
     ]
 
 
@@ -458,6 +494,8 @@ def launch(out: Path, cases: list[str]) -> dict[str, Any]:
 if __name__ == "__main__":
     import sys
 
+    if not torch.cuda.is_available():  # as conftest.py does: the Triton cases' interpreter
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     start = time.perf_counter()
     found = launch(Path(sys.argv[1] if len(sys.argv) > 1 else "dist_results.json"),
                    training_cases())

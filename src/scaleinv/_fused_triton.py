@@ -20,6 +20,10 @@ A one-pass kernel for ``scale_invariant="channel"`` (each row held in registers 
 ``<w_i, p_i>`` is summed: 7 arrays) was measured slower on an H200 than these two passes (one
 program per row of up to 8192 elements leaves too few programs per SM), and was dropped.
 
+FSDP2's row shards run as their local tensors: the decision kernel then runs twice, first
+writing each tensor's local statistics, which the caller all-reduces across the shards (two
+collectives for the whole group, see :class:`Shards`), then deciding from them.
+
 The decision never leaves the device: no host synchronisation. The cosine test and the
 projection coefficient are the maths of :mod:`scaleinv.projection` written again for a kernel;
 ``tests/test_triton.py`` holds them to the single-tensor reference (on a CPU through Triton's
@@ -33,6 +37,7 @@ import itertools
 import math
 import struct
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -40,7 +45,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["PLAIN_ROW", "adamp_step", "sgdp_step", "supports"]
+__all__ = ["PLAIN_ROW", "Shards", "adamp_step", "sgdp_step", "supports"]
 
 MODE_PLAIN, MODE_AUTO, MODE_CHANNEL, MODE_LAYER = 0, 1, 2, 3
 BLOCK = 256  # elements per chunk of a row (H200: as good as 128 or 512; 1024, 2048 slower)
@@ -210,45 +215,68 @@ def _first_pass(
 
 
 @triton.jit
-def _decide(meta, thresholds, tensors, stats, views, eps, BLOCK: tl.constexpr):
+def _decide(meta, thresholds, tensors, stats, partials, views, eps, K,
+            PHASE: tl.constexpr, BLOCK: tl.constexpr):
     """One tensor: the view (``"auto"``: the cosine test on the row sums; else the annotation)
     into ``views[2t]`` and the layer coefficient ``<w, p> / (|w| + eps)^2`` into ``views[2t+1]``.
 
     Test: channel if ``max_i |<g_i, w_i>| / (max(|g_i|, eps) max(|w_i|, eps)) < delta /
-    sqrt(d)``, else layer if the same on the whole tensor ``< delta / sqrt(n d)``."""
+    sqrt(d)``, else layer if the same on the whole tensor ``< delta / sqrt(n d)``.
+
+    ``PHASE`` 0 does it all; for a tensor whose rows are sharded across processes, phase 1
+    writes this process's part, ``partials[c * K + t]`` for ``c`` = (max row cosine, ``|g|^2``,
+    ``<g, w>``, ``|w|^2``, ``<w, p>``), which the caller all-reduces (max, then sums), and
+    phase 2 decides from them."""
     t = tl.load(tensors + tl.program_id(0))
     mode = tl.load(meta + _K_META * t + 2)
-    first_row = tl.load(meta + _K_META * t + 3)
-    n_rows = tl.load(meta + _K_META * t + 4)
-    offsets = tl.arange(0, BLOCK)
-    max_cos = tl.zeros([BLOCK], dtype=tl.float32)
-    gg = tl.zeros([BLOCK], dtype=tl.float32)
-    gw = tl.zeros([BLOCK], dtype=tl.float32)
-    ww = tl.zeros([BLOCK], dtype=tl.float32)
-    wp = tl.zeros([BLOCK], dtype=tl.float32)
-    for start in range(0, n_rows, BLOCK):
-        mask = start + offsets < n_rows
-        row = stats + 4 * (first_row + start + offsets)
-        row_gg = tl.load(row, mask=mask, other=0.0)
-        row_gw = tl.load(row + 1, mask=mask, other=0.0)
-        row_ww = tl.load(row + 2, mask=mask, other=0.0)
-        cos = tl.abs(row_gw) / (tl.maximum(tl.sqrt(row_gg), eps)
-                                * tl.maximum(tl.sqrt(row_ww), eps))
-        max_cos = tl.maximum(max_cos, tl.where(mask, cos, 0.0))
-        gg += row_gg
-        gw += row_gw
-        ww += row_ww
-        wp += tl.load(row + 3, mask=mask, other=0.0)
-    gg_sum = tl.sum(gg, 0)
-    ww_sum = tl.sum(ww, 0)
-    layer_cos = tl.abs(tl.sum(gw, 0)) / (tl.maximum(tl.sqrt(gg_sum), eps)
-                                         * tl.maximum(tl.sqrt(ww_sum), eps))
-    channel_ok = tl.max(max_cos, 0) < tl.load(thresholds + 2 * t)
-    layer_ok = layer_cos < tl.load(thresholds + 2 * t + 1)
-    view = tl.where(mode == _K_CHANNEL, 1.0, tl.where(mode == _K_LAYER, 2.0, tl.where(
-        channel_ok, 1.0, tl.where(layer_ok, 2.0, 0.0))))  # VIEW_CHANNEL, VIEW_LAYER, VIEW_NONE
-    tl.store(views + 2 * t, view)
-    tl.store(views + 2 * t + 1, _coefficient(tl.sum(wp, 0), ww_sum, eps))
+    if PHASE == 2:
+        max_cos = tl.load(partials + t)
+        gg_sum = tl.load(partials + K + t)
+        gw_sum = tl.load(partials + 2 * K + t)
+        ww_sum = tl.load(partials + 3 * K + t)
+        wp_sum = tl.load(partials + 4 * K + t)
+    else:
+        first_row = tl.load(meta + _K_META * t + 3)
+        n_rows = tl.load(meta + _K_META * t + 4)
+        offsets = tl.arange(0, BLOCK)
+        row_max = tl.zeros([BLOCK], dtype=tl.float32)
+        gg = tl.zeros([BLOCK], dtype=tl.float32)
+        gw = tl.zeros([BLOCK], dtype=tl.float32)
+        ww = tl.zeros([BLOCK], dtype=tl.float32)
+        wp = tl.zeros([BLOCK], dtype=tl.float32)
+        for start in range(0, n_rows, BLOCK):
+            mask = start + offsets < n_rows
+            row = stats + 4 * (first_row + start + offsets)
+            row_gg = tl.load(row, mask=mask, other=0.0)
+            row_gw = tl.load(row + 1, mask=mask, other=0.0)
+            row_ww = tl.load(row + 2, mask=mask, other=0.0)
+            cos = tl.abs(row_gw) / (tl.maximum(tl.sqrt(row_gg), eps)
+                                    * tl.maximum(tl.sqrt(row_ww), eps))
+            row_max = tl.maximum(row_max, tl.where(mask, cos, 0.0))
+            gg += row_gg
+            gw += row_gw
+            ww += row_ww
+            wp += tl.load(row + 3, mask=mask, other=0.0)
+        max_cos = tl.max(row_max, 0)
+        gg_sum = tl.sum(gg, 0)
+        gw_sum = tl.sum(gw, 0)
+        ww_sum = tl.sum(ww, 0)
+        wp_sum = tl.sum(wp, 0)
+    if PHASE == 1:
+        tl.store(partials + t, max_cos)
+        tl.store(partials + K + t, gg_sum)
+        tl.store(partials + 2 * K + t, gw_sum)
+        tl.store(partials + 3 * K + t, ww_sum)
+        tl.store(partials + 4 * K + t, wp_sum)
+    else:
+        layer_cos = tl.abs(gw_sum) / (tl.maximum(tl.sqrt(gg_sum), eps)
+                                      * tl.maximum(tl.sqrt(ww_sum), eps))
+        channel_ok = max_cos < tl.load(thresholds + 2 * t)
+        layer_ok = layer_cos < tl.load(thresholds + 2 * t + 1)
+        view = tl.where(mode == _K_CHANNEL, 1.0, tl.where(mode == _K_LAYER, 2.0, tl.where(
+            channel_ok, 1.0, tl.where(layer_ok, 2.0, 0.0))))  # VIEW_CHANNEL, _LAYER, _NONE
+        tl.store(views + 2 * t, view)
+        tl.store(views + 2 * t + 1, _coefficient(wp_sum, ww_sum, eps))
 
 
 @triton.jit
@@ -303,11 +331,16 @@ class _Plan:
     n_rows: int
 
 
-def _layout_key(params: list[Tensor], modes: list[int], delta: float) -> tuple:
-    return (params[0].device, delta, PLAIN_ROW, tuple(p.shape for p in params), tuple(modes))
+def _layout_key(params: list[Tensor], modes: list[int], delta: float,
+                whole: list[torch.Size] | None) -> tuple:
+    return (params[0].device, delta, PLAIN_ROW, tuple(p.shape for p in params), tuple(modes),
+            None if whole is None else tuple(whole))
 
 
-def _build_plan(params: list[Tensor], modes: list[int], delta: float) -> _Plan:
+def _build_plan(params: list[Tensor], modes: list[int], delta: float,
+                whole: list[torch.Size] | None) -> _Plan:
+    """``whole``: the shapes of the whole tensors where ``params`` are row shards of them (the
+    thresholds are the whole tensor's), else ``None``."""
     device = params[0].device
     meta, thresholds, row_tensor = [], [], []
     looped: list[Tensor] = []
@@ -316,10 +349,11 @@ def _build_plan(params: list[Tensor], modes: list[int], delta: float) -> _Plan:
     first_row = 0
     for t, (p, mode) in enumerate(zip(params, modes, strict=True)):
         numel = p.numel()
-        row_len = PLAIN_ROW if mode == MODE_PLAIN else numel // p.shape[0]
+        shape = p.shape if whole is None else whole[t]
+        row_len = PLAIN_ROW if mode == MODE_PLAIN else math.prod(shape[1:])
         n_rows = -(-numel // row_len)
         meta.append([numel, row_len, mode, first_row, n_rows])
-        thresholds.append([delta / math.sqrt(row_len), delta / math.sqrt(numel)])
+        thresholds.append([delta / math.sqrt(row_len), delta / math.sqrt(shape.numel())])
         row_tensor.append(torch.full((n_rows,), t, dtype=torch.int32))
         rows = torch.arange(first_row, first_row + n_rows)
         looped.append(rows)
@@ -339,6 +373,16 @@ def _build_plan(params: list[Tensor], modes: list[int], delta: float) -> _Plan:
         decided=_to_device(decided, torch.int64, device),
         n_rows=first_row,
     )
+
+
+@dataclass
+class Shards:
+    """Row shards of whole tensors (FSDP2's ``Shard(0)``): their whole shapes, and a function
+    that all-reduces the ``[5, K]`` partial statistics in place across the shards (row 0 by
+    max, the others by sum)."""
+
+    whole: list[torch.Size]
+    all_reduce: Callable[[Tensor], None]
 
 
 class _Cache:
@@ -406,13 +450,16 @@ def _launch(
     params: list[Tensor], grads: list[Tensor], states_a: list[Tensor],
     states_b: list[Tensor] | None, counters: list[Tensor] | None, modes: list[int],
     source: int, scalars: Tensor | None, constants: dict[str, float], *, is_adam: bool,
-    nesterov: bool, project_buffer: bool, delta: float, eps: float,
+    nesterov: bool, project_buffer: bool, delta: float, eps: float, shards: Shards | None,
 ) -> None:
     """The passes over one group. ``source`` (``FROM_*``) says where the step sizes come
-    from: ``constants``, the ``[K, 4]`` array ``scalars``, or the step ``counters``."""
+    from: ``constants``, the ``[K, 4]`` array ``scalars``, or the step ``counters``.
+    ``shards``: where ``params`` are row shards, the whole shapes and how to all-reduce."""
     device = params[0].device
-    plan: _Plan = _PLANS.get(_layout_key(params, modes, delta),
-                             lambda: _build_plan(params, modes, delta))  # type: ignore[assignment]
+    whole = None if shards is None else shards.whole
+    plan: _Plan = _PLANS.get(  # type: ignore[assignment]
+        _layout_key(params, modes, delta, whole),
+        lambda: _build_plan(params, modes, delta, whole))
     table = _pointer_table([params, grads, states_a, states_b or states_a, counters or params],
                            device)
     stats = torch.empty((plan.n_rows, 4), dtype=torch.float32, device=device)
@@ -430,8 +477,16 @@ def _launch(
             table, plan.meta, plan.row_tensor, plan.looped_rows, stats, scalar_table, K,
             c1, c2, eps, sign, *step, BLOCK=BLOCK, num_warps=NUM_WARPS, **common)
     if plan.decided.numel():
-        _decide[(plan.decided.numel(),)](plan.meta, plan.thresholds, plan.decided, stats,
-                                         views, eps, BLOCK=DECIDE_BLOCK)
+        decide = _decide[(plan.decided.numel(),)]
+        tables = (plan.meta, plan.thresholds, plan.decided, stats)
+        if shards is None:
+            decide(*tables, stats, views, eps, K, PHASE=0, BLOCK=DECIDE_BLOCK)
+        else:
+            partials = torch.zeros((5, K), dtype=torch.float32, device=device)
+            decide(*tables, partials, views, eps, K, PHASE=1, BLOCK=DECIDE_BLOCK)
+            shards.all_reduce(partials)
+            decide(*tables, partials, views, eps, K, PHASE=2, BLOCK=DECIDE_BLOCK)
+    if plan.second_rows.numel():
         _second_pass[(plan.second_rows.numel(),)](
             table, plan.meta, plan.row_tensor, plan.second_rows, stats, views, scalar_table, K,
             c1, eps, sign, *step, PROJECT_BUFFER=project_buffer, BLOCK=BLOCK,
@@ -442,10 +497,11 @@ def adamp_step(
     params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
     steps: list[Tensor], modes: list[int], *, lr: float | Tensor, beta1: float, beta2: float,
     eps: float, weight_decay: float, wd_ratio: float, delta: float, nesterov: bool,
-    maximize: bool,
+    maximize: bool, shards: Shards | None = None,
 ) -> None:
     """One AdamP step of ``params`` (one device and dtype, rows as blocks of memory) with
-    per-tensor ``modes`` (``MODE_*``). Increments ``steps``.
+    per-tensor ``modes`` (``MODE_*``); ``shards`` where they are row shards. Increments
+    ``steps``.
 
     Float32 step counters on the params' device (fused, capturable) are read by the kernels,
     which compute the bias corrections themselves; counters on the host of a GPU give the step
@@ -485,14 +541,15 @@ def adamp_step(
             source = FROM_TABLE
             scalars = _to_device([[*x, *decays] for x in per_tensor], torch.float32, device)
     _launch(params, grads, exp_avgs, exp_avg_sqs, counters, modes, source, scalars, constants,
-            is_adam=True, nesterov=nesterov, project_buffer=False, delta=delta, eps=eps)
+            is_adam=True, nesterov=nesterov, project_buffer=False, delta=delta, eps=eps,
+            shards=shards)
 
 
 def sgdp_step(
     params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor], modes: list[int],
     *, lr: float, momentum: float, dampening: float, eps: float, decay_plain: float,
     decay_projected: float, delta: float, nesterov: bool, maximize: bool,
-    project_buffer: bool,
+    project_buffer: bool, shards: Shards | None = None,
 ) -> None:
     """One SGDP step of ``params`` (as :func:`adamp_step`; ``decay_*`` are the factors of
     :class:`scaleinv.SGDP`)."""
@@ -501,4 +558,4 @@ def sgdp_step(
                      decay_plain=float(decay_plain), decay_projected=float(decay_projected))
     _launch(params, grads, momentum_buffers, None, None, modes, FROM_ARGUMENTS, None, constants,
             is_adam=False, nesterov=nesterov, project_buffer=project_buffer, delta=delta,
-            eps=eps)
+            eps=eps, shards=shards)

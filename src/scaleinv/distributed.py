@@ -27,7 +27,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["check_flat_shard", "flat_shard_reason", "is_dtensor", "remember_params", "rows_max"]
+__all__ = [
+    "all_reduce_row_statistics", "check_flat_shard", "flat_shard_reason", "is_dtensor",
+    "remember_params", "row_shard_group", "rows_max",
+]
 
 if torch.distributed.is_available():
     from torch.distributed.tensor import DTensor, Partial, Replicate
@@ -38,6 +41,29 @@ else:  # a torch build without torch.distributed has no DTensor either
 def is_dtensor(x: Tensor) -> bool:
     """Whether ``x`` is a ``torch.distributed.tensor.DTensor`` (FSDP2 parameters are)."""
     return DTensor is not None and isinstance(x, DTensor)
+
+
+def row_shard_group(x: Tensor) -> Any:
+    """The process group across which the rows of DTensor ``x`` are split, where they are split
+    along dim 0 over one mesh dimension and replicated over any other (FSDP2, HSDP); else
+    ``None`` (a plain tensor, or another layout)."""
+    if not is_dtensor(x):
+        return None
+    placements = x.placements
+    sharded = [i for i, p in enumerate(placements) if p.is_shard()]
+    if len(sharded) != 1 or placements[sharded[0]].dim != 0:  # type: ignore[attr-defined]
+        return None
+    if not all(p.is_shard() or p.is_replicate() for p in placements):
+        return None
+    return x.device_mesh.get_group(sharded[0])
+
+
+def all_reduce_row_statistics(group: Any, partials: Tensor) -> None:
+    """All-reduce, in place across ``group``, per-tensor statistics of row shards: row 0 of
+    ``partials`` (the largest row cosine) by max, the other rows (sums) by sum. Two collectives
+    whatever the number of tensors."""
+    torch.distributed.all_reduce(partials[0], op=torch.distributed.ReduceOp.MAX, group=group)
+    torch.distributed.all_reduce(partials[1:], op=torch.distributed.ReduceOp.SUM, group=group)
 
 
 def rows_max(x: Tensor) -> Tensor:

@@ -11,7 +11,9 @@ so an exact step reads the tensor at least twice (DESIGN.md section 5). Three ba
 * ``"triton"`` (CUDA, float32/float16/bfloat16, where Triton is installed): Triton kernels
   (:mod:`scaleinv._fused_triton`), one launch per pass over every tensor of a group: 10
   arrays for a tensor that may be projected (tested or annotated), 7 for one never projected.
-  On a CPU it runs only under Triton's interpreter (``TRITON_INTERPRET=1``, tests).
+  FSDP2's row shards (``Shard(0)`` DTensors) run as their local tensors, with the test's
+  per-tensor statistics all-reduced between the passes (two collectives per group). On a CPU
+  it runs only under Triton's interpreter (``TRITON_INTERPRET=1``, tests).
 * ``"compiled"`` (any device; the CUDA default where Triton is missing): one
   ``torch.compile(dynamic=True, fullgraph=True)`` kernel per tensor, written with
   :func:`scaleinv.projection.radial_coefficients`, so the decision stays on the device (no
@@ -41,7 +43,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from scaleinv import _fused_cpu
-from scaleinv.distributed import is_dtensor
+from scaleinv.distributed import all_reduce_row_statistics, is_dtensor, row_shard_group
 from scaleinv.projection import ScaleInvariant, radial_coefficients
 
 __all__ = ["BACKENDS", "default_backend", "fused_adamp", "fused_sgdp"]
@@ -69,8 +71,9 @@ def _triton_runs_on(device: torch.device, dtype: torch.dtype) -> bool:
 
 def fused_by_default(p: Tensor) -> bool:
     """Whether ``fused=None`` takes the fused path for a group whose first param is ``p``: where
-    the Triton backend runs (a CUDA tensor, not a DTensor shard)."""
-    return p.device.type == "cuda" and not is_dtensor(p) and _triton_runs_on(p.device, p.dtype)
+    the Triton backend runs (a CUDA tensor, or FSDP2's row shard of one)."""
+    return (p.device.type == "cuda" and (not is_dtensor(p) or row_shard_group(p) is not None)
+            and _triton_runs_on(p.device, p.dtype))
 
 
 def default_backend(device: torch.device, dtype: torch.dtype) -> Backend:
@@ -149,30 +152,60 @@ def _row_views(w: Tensor, grad: Tensor, states: list[Tensor]) -> list[Tensor] | 
     return [_unviewed(t) for t in (views[0], grad_rows, *views[1:])]  # type: ignore[arg-type]
 
 
+TritonLaunch = tuple[list[int], list[list[Tensor]], Any]  # indices, columns, shards or None
+
+
 def _split_triton(
     params: list[Tensor], grads: list[Tensor], states: list[list[Tensor]],
-) -> tuple[list[int], list[list[Tensor]], list[int]]:
-    """As :func:`_split` for the Triton kernels, with the inputs as columns ``[ws, gs,
-    *states]``. The kernels read each tensor from its first element in ``w``'s memory order:
-    the tensors themselves where all are contiguous (the usual case, checked first: this runs
-    per tensor per step, before the first launch), else row views."""
+) -> tuple[list[TritonLaunch], list[int]]:
+    """The launches of the Triton kernels (indices, inputs as columns ``[ws, gs, *states]``,
+    and for row shards their :class:`~scaleinv._fused_triton.Shards`), and the indices left
+    to the multi-tensor body. The kernels read each tensor from its first element in ``w``'s
+    memory order: the tensors themselves where all are contiguous (the usual case, checked
+    first: this runs per tensor per step, before the first launch), else row views. FSDP2's
+    row shards go in one launch per process group, as their local tensors; other DTensors are
+    left to the multi-tensor body."""
     columns: list[list[Tensor]] = [params, grads, *states]
     if (all(all(map(Tensor.is_contiguous, column)) for column in columns)
             and all(map(Tensor.numel, params)) and not any(map(is_dtensor, params))):
-        return list(range(len(params))), columns, []
-    taken: list[int] = []
+        return [(list(range(len(params))), columns, None)], []
+    launches: dict[Any, tuple[list[int], list[list[Tensor]], list[torch.Size]]] = {}
     left: list[int] = []
-    kept: list[list[Tensor]] = [[] for _ in columns]
     for i, tensors in enumerate(zip(*columns, strict=True)):
         w, g, *tensor_states = tensors
-        rows = None if is_dtensor(w) else _row_views(w, g, tensor_states)
-        if rows is None:  # shards go where the test is all-reduced
+        group = row_shard_group(w)
+        if group is not None:  # every rank takes it, so the partials line up across ranks
+            rows = _local_rows(tensors)
+        elif is_dtensor(w):
+            rows = None
+        else:
+            rows = _row_views(w, g, tensor_states)
+        if rows is None:
             left.append(i)
             continue
+        taken, kept, whole = launches.setdefault(group, ([], [[] for _ in columns], []))
         taken.append(i)
+        whole.append(tensors[0].shape)
         for column, t in zip(kept, rows, strict=True):
             column.append(t)
-    return taken, kept, left
+    return [
+        (taken, kept, None if group is None else _triton().Shards(  # type: ignore[union-attr]
+            whole, functools.partial(all_reduce_row_statistics, group)))
+        for group, (taken, kept, whole) in launches.items()
+    ], left
+
+
+def _local_rows(tensors: tuple[Tensor, ...]) -> list[Tensor]:
+    """A row shard's local ``[w, g, *states]`` as ``[n_local, d]`` tensors (FSDP2 keeps them
+    contiguous; an empty shard gives ``[0, d]``)."""
+    d = tensors[0].shape[1:].numel()
+    local = [t.to_local() for t in tensors]
+    if not all(t.is_contiguous() for t in local):
+        raise RuntimeError(
+            "scaleinv's fused step needs contiguous local shards of a row-sharded DTensor "
+            f"(got strides {[t.stride() for t in local]}); use foreach=True for this group"
+        )
+    return [t.view(t.shape[0], d) for t in local]
 
 
 def _as_real(tensors: list[Tensor], dtype: torch.dtype) -> list[Tensor]:
@@ -370,12 +403,13 @@ def fused_adamp(
                                                                         d_vs))
         chosen = _resolve(backend, device, dtype)
         if chosen == "triton":
-            taken, columns, left = _split_triton(d_params, d_grads, [d_ms, d_vs])
-            if taken:
+            launches, left = _split_triton(d_params, d_grads, [d_ms, d_vs])
+            for taken, columns, shards in launches:
                 every = len(taken) == len(d_params)
                 _triton_adamp(
                     columns, d_steps if every else [d_steps[i] for i in taken],
-                    d_params if every else [d_params[i] for i in taken], **hyper)
+                    d_params if every else [d_params[i] for i in taken], shards=shards,
+                    **hyper)
         else:
             taken, inputs, left = _split(d_params, d_grads, [d_ms, d_vs], chosen,
                                          scale_invariant, d_steps)
@@ -424,7 +458,7 @@ def _native_adamp(
 
 
 def _triton_adamp(
-    columns: list[list[Tensor]], steps: list[Tensor], originals: list[Tensor], *,
+    columns: list[list[Tensor]], steps: list[Tensor], originals: list[Tensor], *, shards: Any,
     lr: float | Tensor, beta1: float, beta2: float, eps: float, weight_decay: float,
     delta: float, wd_ratio: float, nesterov: bool, maximize: bool,
     scale_invariant: ScaleInvariant,
@@ -438,7 +472,7 @@ def _triton_adamp(
         *columns, steps,
         _modes(originals, scale_invariant, kernels), lr=lr, beta1=beta1, beta2=beta2, eps=eps,
         weight_decay=weight_decay, wd_ratio=wd_ratio, delta=delta, nesterov=nesterov,
-        maximize=maximize,
+        maximize=maximize, shards=shards,
     )
 
 
@@ -504,34 +538,33 @@ def fused_sgdp(
         d_params, d_grads, d_bufs = (_as_real(ts, dtype) for ts in (d_params, d_grads, d_bufs))
         chosen = _resolve(backend, device, dtype)
         if chosen == "triton":
-            taken, columns, left = _split_triton(d_params, d_grads, [d_bufs])
-            inputs = []
-        else:
-            taken, inputs, left = _split(d_params, d_grads, [d_bufs], chosen, scale_invariant)
-        if taken and chosen == "native":
-            native_params = [t[0] for t in inputs]
-            modes = _VIEWS.modes(native_params, _modes(native_params, scale_invariant))
-            views = _fused_cpu.sgdp_step(
-                native_params, *([t[k] for t in inputs] for k in range(1, 3)), modes,
-                project_buffer=project_buffer, maximize=maximize, **constants,
-            )
-            _VIEWS.remember(native_params, views)
-        elif taken and chosen == "triton":
+            launches, left = _split_triton(d_params, d_grads, [d_bufs])
             kernels = _triton()
             assert kernels is not None  # _resolve checked
-            kernels.sgdp_step(
-                *columns, _modes([d_params[i] for i in taken], scale_invariant, kernels),
-                nesterov=nesterov, maximize=maximize, project_buffer=project_buffer,
-                **{k: v for k, v in constants.items() if k != "nesterov"},
-            )
-        elif taken:
-            key = (inputs[0][0].dtype, scale_invariant, project_buffer)
-            body = _tensor_body(_sgdp_tensor, chosen, key)
-            tensor_constants = dict(constants, nesterov=1.0 if nesterov else 0.0,
-                                    sign=-1.0 if maximize else 1.0)
-            for w, g, b in inputs:
-                body(w, g, b, scale_invariant=scale_invariant, project_buffer=project_buffer,
-                     **tensor_constants)
+            for taken, columns, shards in launches:
+                kernels.sgdp_step(
+                    *columns, _modes([d_params[i] for i in taken], scale_invariant, kernels),
+                    nesterov=nesterov, maximize=maximize, project_buffer=project_buffer,
+                    shards=shards, **{k: v for k, v in constants.items() if k != "nesterov"},
+                )
+        else:
+            taken, inputs, left = _split(d_params, d_grads, [d_bufs], chosen, scale_invariant)
+            if taken and chosen == "native":
+                native_params = [t[0] for t in inputs]
+                modes = _VIEWS.modes(native_params, _modes(native_params, scale_invariant))
+                views = _fused_cpu.sgdp_step(
+                    native_params, *([t[k] for t in inputs] for k in range(1, 3)), modes,
+                    project_buffer=project_buffer, maximize=maximize, **constants,
+                )
+                _VIEWS.remember(native_params, views)
+            elif taken:
+                key = (inputs[0][0].dtype, scale_invariant, project_buffer)
+                body = _tensor_body(_sgdp_tensor, chosen, key)
+                tensor_constants = dict(constants, nesterov=1.0 if nesterov else 0.0,
+                                        sign=-1.0 if maximize else 1.0)
+                for w, g, b in inputs:
+                    body(w, g, b, scale_invariant=scale_invariant,
+                         project_buffer=project_buffer, **tensor_constants)
         if left:
             _multi_tensor_sgdp(
                 *([ts[i] for i in left] for ts in (d_params, d_grads, d_bufs)), lr=lr, **hyper
