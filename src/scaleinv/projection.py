@@ -212,7 +212,9 @@ def radial_coefficients(
             use_channel, use_layer = invariance_flags(
                 w, g, scale_invariant=scale_invariant, delta=delta, eps=eps, w_norm=w_norm
             )
-        if flags is None and scale_invariant == "channel":  # the view is known on the host
+        # The view known on the host saves launches in eager mode (compiled, kernels are fused
+        # anyway, and this graph once tripped inductor: KeyError in its loop body, torch 2.13).
+        if flags is None and scale_invariant == "channel" and not torch.compiler.is_compiling():
             coef = _channel_coefficients(wp, w_norm, eps)
         else:
             # a tensor, not 0.0: a Python number would make DTensor redistribute (FSDP2)
