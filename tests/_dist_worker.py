@@ -57,13 +57,15 @@ STRATEGIES = ("ddp", "fsdp2", "hsdp", "zero")
 def triton_backend() -> Any:
     """Fused steps take the Triton kernels (here on CPU processes: through Triton's interpreter,
     which ``conftest.py`` switched on before these processes were spawned)."""
-    fused = importlib.import_module("scaleinv.fused")
-    default = fused.default_backend
-    fused.default_backend = lambda device, dtype: "triton"
+    before = os.environ.get("SCALEINV_BACKEND")
+    os.environ["SCALEINV_BACKEND"] = "triton"
     try:
         yield
     finally:
-        fused.default_backend = default
+        if before is None:
+            del os.environ["SCALEINV_BACKEND"]
+        else:
+            os.environ["SCALEINV_BACKEND"] = before
 
 
 def with_triton(cls: type) -> type:

@@ -132,7 +132,7 @@ BACKENDS = ["triton", pytest.param("compiled", marks=pytest.mark.slow)]
 def use_backend(backend: str, monkeypatch) -> None:
     if backend == "triton":
         pytest.importorskip("triton")
-    monkeypatch.setattr(FUSED, "default_backend", lambda device, dtype: backend)
+    monkeypatch.setenv("SCALEINV_BACKEND", backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

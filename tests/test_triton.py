@@ -35,6 +35,7 @@ pytest.importorskip("triton")
 
 FUSED = importlib.import_module("scaleinv.fused")
 KERNELS = importlib.import_module("scaleinv._fused_triton")
+CONSTANTS = importlib.import_module("scaleinv._constants")
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 STEPS = 4
 SHAPES = [(7,), (5, 4, 3, 3), (6, 20), (4, 3, 2), (3, 9000), (2, 9000), (4, 9000), (12000,)]
@@ -50,15 +51,14 @@ def interpreter_chunks(monkeypatch) -> None:
         monkeypatch.setattr(KERNELS, "BLOCK", 1024)
 
 
-def triton_where_it_can(device: torch.device, dtype: torch.dtype) -> str:
-    return "triton" if KERNELS.supports(dtype) else "eager"
+TRITON_WHERE_IT_CAN = "triton,eager"  # SCALEINV_BACKEND: the first that runs per dtype
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                     reason="CPU layouts, for the interpreter; on CUDA see tests/test_gpu.py")
 @pytest.mark.parametrize("optimizer", ["adamp", "sgdp"])
 def test_triton_backend_matches_single_tensor(optimizer: str, monkeypatch) -> None:
-    monkeypatch.setattr(FUSED, "default_backend", triton_where_it_can)
+    monkeypatch.setenv("SCALEINV_BACKEND", TRITON_WHERE_IT_CAN)
     run_fused_against_single(optimizer)
 
 
@@ -71,8 +71,8 @@ def to_device(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def kernel_modes(weights: list[torch.Tensor], annotation: str) -> list[int]:
-    mode = getattr(KERNELS, f"MODE_{annotation.upper()}")
-    return [mode if w.dim() >= 2 else KERNELS.MODE_PLAIN for w in weights]
+    mode = getattr(CONSTANTS, f"MODE_{annotation.upper()}")
+    return [mode if w.dim() >= 2 else CONSTANTS.MODE_PLAIN for w in weights]
 
 
 def kernel_step_inputs(weights: list[torch.Tensor], generator: torch.Generator,
@@ -152,7 +152,7 @@ def lockstep(fused: torch.optim.Optimizer, single: torch.optim.Optimizer,
 
 
 def test_tensor_lr_gives_device_step_sizes(monkeypatch) -> None:
-    monkeypatch.setattr(FUSED, "default_backend", triton_where_it_can)
+    monkeypatch.setenv("SCALEINV_BACKEND", TRITON_WHERE_IT_CAN)
     init = kernel_params(seed=51)
     fused_params = [torch.nn.Parameter(w.to(DEVICE)) for w in init]
     single_params = copy_params(init)
@@ -168,7 +168,7 @@ def test_tensor_lr_gives_device_step_sizes(monkeypatch) -> None:
 def test_step_counters_that_differ_within_a_group(monkeypatch) -> None:
     """A tensor that had no gradient for a while has fewer steps: its bias corrections differ,
     and the kernels take the step sizes per tensor."""
-    monkeypatch.setattr(FUSED, "default_backend", triton_where_it_can)
+    monkeypatch.setenv("SCALEINV_BACKEND", TRITON_WHERE_IT_CAN)
     init = kernel_params(seed=61)
     fused_params = [torch.nn.Parameter(w.to(DEVICE)) for w in init]
     single_params = copy_params(init)
@@ -191,7 +191,7 @@ def test_half_precision_follows_float32(optimizer: str, dtype: torch.dtype,
     more than that. The views are given (single pass and, for rows of 9000, two passes), and
     every gradient entry is of size 0.5 to 4, so that Adam's ``v`` stays in float16's range
     (below it, float16 Adam fails in ``torch.optim`` too)."""
-    monkeypatch.setattr(FUSED, "default_backend", triton_where_it_can)
+    monkeypatch.setenv("SCALEINV_BACKEND", TRITON_WHERE_IT_CAN)
     init = [(w / 4).to(dtype).float() for w in kernel_params(seed=71)]  # 16-bit values
     half_params = [torch.nn.Parameter(w.to(DEVICE, dtype)) for w in init]
     float_params = copy_params(init)
@@ -229,9 +229,9 @@ def test_default_backend_and_refusals(monkeypatch) -> None:
     assert FUSED.default_backend(torch.device("cuda"), torch.bfloat16) == "triton"
     assert FUSED.default_backend(torch.device("cuda"), torch.float64) == "compiled"
     w, g, m, v = (torch.randn(3, 4, dtype=torch.float64) for _ in range(4))
-    hp = dict(capturable=False, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
+    hp = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
               delta=0.1, wd_ratio=0.1, nesterov=False, maximize=False, scale_invariant="auto")
-    with pytest.raises(ValueError, match="triton fused backend needs"):
+    with pytest.raises(ValueError, match="triton fused backend cannot step"):
         FUSED.fused_adamp([w], [g], [m], [v], [torch.zeros(())], backend="triton", **hp)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     cpu = [t.float() for t in (w, g, m, v)]
@@ -243,17 +243,19 @@ def test_fused_none_takes_the_triton_path_where_it_runs(monkeypatch) -> None:
     """``fused=None`` (the default): fused where the Triton kernels run (CUDA; stood in for
     here by the interpreter on the CPU), unless ``foreach`` is given or the step is compiled;
     the result equals an explicit ``fused=True``, and the step counters live on the device."""
-    common = importlib.import_module("scaleinv._common")
+    backends = importlib.import_module("scaleinv.backends")
+    adamp_module = importlib.import_module("scaleinv.adamp")
     calls: list[str] = []
-    fused_adamp = FUSED.fused_adamp
+    fused_adamp = adamp_module.fused_adamp
 
-    def recording(*args, **kwargs) -> None:
+    def recording(*args, **kwargs) -> list[int]:
         calls.append("fused")
-        fused_adamp(*args, **kwargs)
+        return fused_adamp(*args, **kwargs)
 
-    monkeypatch.setattr(FUSED, "fused_adamp", recording)
-    monkeypatch.setattr(FUSED, "default_backend", triton_where_it_can)
-    monkeypatch.setattr(FUSED, "fused_by_default", lambda p: p.device.type == DEVICE.type)
+    monkeypatch.setattr(adamp_module, "fused_adamp", recording)
+    monkeypatch.setattr(FUSED, "default_backend", lambda device, dtype: (
+        "triton" if KERNELS.supports(dtype) else "eager"))
+    monkeypatch.setattr(backends, "fused_by_default", lambda p: p.device.type == DEVICE.type)
     init = kernel_params(seed=81)
     default_params = [torch.nn.Parameter(w.to(DEVICE)) for w in init]
     explicit_params = [torch.nn.Parameter(w.to(DEVICE)) for w in init]
@@ -265,15 +267,17 @@ def test_fused_none_takes_the_triton_path_where_it_runs(monkeypatch) -> None:
     assert default.param_groups[0]["fused"] is None  # the option itself is left as given
     for w_default, w_explicit in zip(default_params, explicit_params, strict=True):
         assert torch.equal(w_default, w_explicit)
-    assert not common.resolve_fused(None, True, default_params)
-    assert not common.resolve_fused(False, None, default_params)
-    assert not common.resolve_fused(None, None, [])
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert not common.resolve_fused(None, None, default_params)
+    assert not backends.resolve_fused(None, True, default_params)
+    assert not backends.resolve_fused(False, None, default_params)
+    assert not backends.resolve_fused(None, None, [])
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # custom ops: traceable
+    assert backends.resolve_fused(None, None, default_params)
 
 
 def test_fused_by_default_only_on_cuda() -> None:
-    assert not FUSED.fused_by_default(torch.zeros(2, 3))
+    backends = importlib.import_module("scaleinv.backends")
+    assert not backends.fused_by_default(torch.zeros(2, 3))
     if torch.cuda.is_available():
-        assert FUSED.fused_by_default(torch.zeros(2, 3, device="cuda"))
-        assert not FUSED.fused_by_default(torch.zeros(2, 3, device="cuda", dtype=torch.float64))
+        assert backends.fused_by_default(torch.zeros(2, 3, device="cuda"))
+        assert not backends.fused_by_default(
+            torch.zeros(2, 3, device="cuda", dtype=torch.float64))

@@ -8,9 +8,9 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
-from torch.optim.optimizer import _default_to_fused_or_foreach
 
-from scaleinv.distributed import remember_params
+from scaleinv.backends import choose
+from scaleinv.distributed import check_flat_shard, remember_params
 from scaleinv.projection import validate_scale_invariant
 
 
@@ -65,6 +65,14 @@ def with_current_options(
     return {**state_dict, "param_groups": merged}
 
 
+def nonempty(*tensorlists: list[Tensor]) -> list[list[Tensor]]:
+    """The lists without the positions where the first list holds an empty tensor."""
+    if all(t.numel() for t in tensorlists[0]):
+        return list(tensorlists)
+    keep = [i for i, t in enumerate(tensorlists[0]) if t.numel()]
+    return [[ts[i] for i in keep] for ts in tensorlists]
+
+
 def check_grad(p: Tensor, optimizer: str) -> None:
     if p.grad is not None and p.grad.is_sparse:
         raise RuntimeError(f"{optimizer} does not support sparse gradients")
@@ -88,34 +96,6 @@ def as_step_counter(step: Any, p: Tensor, on_device: bool) -> Tensor:
     return counter
 
 
-def resolve_fused(fused: bool | None, foreach: bool | None, params: list[Tensor]) -> bool:
-    """``fused=None`` takes the fused path where its Triton kernels run (params on CUDA, of
-    float32/float16/bfloat16, Triton installed: there the multi-tensor body launches a dozen
-    small kernels per tensor), unless ``foreach`` is given or the step is being compiled (the
-    multi-tensor body is the traceable one); otherwise the choice given."""
-    if fused is not None:
-        return fused
-    if foreach is not None or not params or torch.compiler.is_compiling():
-        return False
-    from scaleinv.fused import fused_by_default
-
-    return fused_by_default(params[0])
-
-
-def resolve_foreach(foreach: bool | None, capturable: bool, params: list[Tensor]) -> bool:
-    """``foreach=None`` picks like ``torch.optim``; ``capturable`` needs the sync-free body."""
-    if foreach is None:
-        if capturable:
-            return True
-        _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
-        return foreach
-    if capturable and not foreach:
-        raise ValueError(
-            "capturable=True needs the sync-free multi-tensor body: pass foreach=True or None"
-        )
-    return foreach
-
-
 def step_value(step: Tensor) -> float | Tensor:
     """The counter as a float in eager mode, as the tensor itself while compiling."""
     if torch.compiler.is_compiling():
@@ -123,8 +103,11 @@ def step_value(step: Tensor) -> float | Tensor:
     return step.item()
 
 
-class ProjectingOptimizer(Optimizer):
-    """Plumbing shared by AdamP and SGDP: group checks, checkpoint loading, option defaults.
+class ScaleInvariantOptimizer(Optimizer):
+    """The base class of AdamP and SGDP: group checks, checkpoint loading, option defaults.
+
+    (Not to be confused with :class:`scaleinv.wrap.ProjectedOptimizer`, the wrapper that
+    :func:`scaleinv.project` puts around any ``torch.optim`` optimizer.)
 
     ``option_defaults`` lists the group options beyond ``adamp`` 0.3.0, filled in when an
     older pickle or checkpoint lacks them.
@@ -136,6 +119,21 @@ class ProjectingOptimizer(Optimizer):
     def check_hyperparameters(options: dict[str, Any]) -> None:
         """Raise ``ValueError``/``TypeError`` for a hyperparameter out of its range."""
         raise NotImplementedError
+
+    def check_step(self) -> list[str]:
+        """Everything a step could refuse, checked before anything changes; returns the body
+        (:func:`scaleinv.backends.choose`) of each group."""
+        name = type(self).__name__
+        bodies = []
+        for group in self.param_groups:
+            stepped = [p for p in group["params"] if p.grad is not None and p.numel() != 0]
+            for p in stepped:
+                check_grad(p, name)
+                if p not in self.state:
+                    check_flat_shard(self, p, group)
+            bodies.append(choose(group["fused"], group["foreach"],
+                                 group.get("capturable", False), stepped))
+        return bodies
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group; its hyperparameters are checked like the constructor's, and a refused

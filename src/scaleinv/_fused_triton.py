@@ -45,9 +45,17 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from scaleinv._constants import (
+    MODE_CHANNEL,
+    MODE_LAYER,
+    MODE_PLAIN,
+    VIEW_CHANNEL,
+    VIEW_LAYER,
+    VIEW_NONE,
+)
+
 __all__ = ["PLAIN_ROW", "Shards", "adamp_step", "sgdp_step", "supports"]
 
-MODE_PLAIN, MODE_AUTO, MODE_CHANNEL, MODE_LAYER = 0, 1, 2, 3
 BLOCK = 256  # elements per chunk of a row (H200: as good as 128 or 512; 1024, 2048 slower)
 NUM_WARPS = 4  # per program of the looped passes
 PLAIN_ROW = 8192  # row length of a tensor that is never projected
@@ -56,6 +64,8 @@ _META = 5  # int64 per tensor: numel, row length, mode, first row, number of row
 # The same numbers as seen from inside a kernel (which reads only constexpr globals).
 _K_META = tl.constexpr(_META)
 _K_PLAIN, _K_CHANNEL, _K_LAYER = (tl.constexpr(m) for m in (MODE_PLAIN, MODE_CHANNEL, MODE_LAYER))
+_K_VIEW_NONE, _K_VIEW_CHANNEL, _K_VIEW_LAYER = (
+    tl.constexpr(float(v)) for v in (VIEW_NONE, VIEW_CHANNEL, VIEW_LAYER))
 # Where a kernel takes the step sizes from: its arguments, a [K, 4] table, the step counters.
 FROM_ARGUMENTS, FROM_TABLE, FROM_COUNTERS = 0, 1, 2
 _K_FROM_TABLE, _K_FROM_COUNTERS = tl.constexpr(FROM_TABLE), tl.constexpr(FROM_COUNTERS)
@@ -252,6 +262,7 @@ def _decide(meta, thresholds, tensors, stats, partials, views, eps, K,
             row_ww = tl.load(row + 2, mask=mask, other=0.0)
             cos = tl.abs(row_gw) / (tl.maximum(tl.sqrt(row_gg), eps)
                                     * tl.maximum(tl.sqrt(row_ww), eps))
+            cos = tl.where(cos == cos, cos, float("inf"))  # NaN fails the test, as inf does
             row_max = tl.maximum(row_max, tl.where(mask, cos, 0.0))
             gg += row_gg
             gw += row_gw
@@ -273,8 +284,9 @@ def _decide(meta, thresholds, tensors, stats, partials, views, eps, K,
                                       * tl.maximum(tl.sqrt(ww_sum), eps))
         channel_ok = max_cos < tl.load(thresholds + 2 * t)
         layer_ok = layer_cos < tl.load(thresholds + 2 * t + 1)
-        view = tl.where(mode == _K_CHANNEL, 1.0, tl.where(mode == _K_LAYER, 2.0, tl.where(
-            channel_ok, 1.0, tl.where(layer_ok, 2.0, 0.0))))  # VIEW_CHANNEL, _LAYER, _NONE
+        view = tl.where(mode == _K_CHANNEL, _K_VIEW_CHANNEL, tl.where(
+            mode == _K_LAYER, _K_VIEW_LAYER, tl.where(
+                channel_ok, _K_VIEW_CHANNEL, tl.where(layer_ok, _K_VIEW_LAYER, _K_VIEW_NONE))))
         tl.store(views + 2 * t, view)
         tl.store(views + 2 * t + 1, _coefficient(wp_sum, ww_sum, eps))
 
@@ -296,8 +308,9 @@ def _second_pass(
         b2_hi, b2_lo, SOURCE)
     view = tl.load(views + 2 * t)
     channel_s = _coefficient(tl.load(stats + 4 * r + 3), tl.load(stats + 4 * r + 2), eps)
-    s = tl.where(view == 1.0, channel_s, tl.where(view == 2.0, tl.load(views + 2 * t + 1), 0.0))
-    decay = tl.where(view == 0.0, decay_plain, decay_projected)
+    s = tl.where(view == _K_VIEW_CHANNEL, channel_s,
+                 tl.where(view == _K_VIEW_LAYER, tl.load(views + 2 * t + 1), 0.0))
+    decay = tl.where(view == _K_VIEW_NONE, decay_plain, decay_projected)
     offsets = tl.arange(0, BLOCK)
     for start in range(0, length, BLOCK):
         mask = start + offsets < length

@@ -10,23 +10,23 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from scaleinv import backends
 from scaleinv._common import (
-    ProjectingOptimizer,
+    ScaleInvariantOptimizer,
     as_step_counter,
-    check_grad,
     check_number,
     new_step_counter,
-    resolve_foreach,
-    resolve_fused,
+    nonempty,
     step_value,
 )
-from scaleinv.distributed import check_flat_shard
+from scaleinv.fused import fused_adamp
 from scaleinv.projection import (
     ScaleInvariant,
     project_radial_,
     radial_coefficients,
     select_view,
     validate_scale_invariant,
+    weight_decay_ratio,
 )
 
 __all__ = ["AdamP", "adamp"]
@@ -34,12 +34,13 @@ __all__ = ["AdamP", "adamp"]
 
 def _step_on_device(group: dict[str, Any], p: Tensor) -> bool:
     """Step counters live on the param's device for capturable or fused groups (as in
-    ``torch.optim.Adam``; ``fused=None`` as :func:`resolve_fused` decides): a fused step then
-    reads no counter on the host."""
-    return bool(group["capturable"]) or resolve_fused(group["fused"], group["foreach"], [p])
+    ``torch.optim.Adam``; ``fused=None`` as :func:`scaleinv.backends.resolve_fused` decides): a
+    fused step then reads no counter on the host."""
+    return bool(group["capturable"]) or backends.resolve_fused(group["fused"], group["foreach"],
+                                                               [p])
 
 
-class AdamP(ProjectingOptimizer):
+class AdamP(ScaleInvariantOptimizer):
     r"""AdamP (Heo et al., ICLR 2021), numerically faithful to the official ``adamp`` 0.3.0.
 
     Per tensor ``w`` with gradient ``g``::
@@ -141,12 +142,10 @@ class AdamP(ProjectingOptimizer):
         exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], steps: list[Tensor],
     ) -> None:
         for p in group["params"]:
-            if p.grad is None:
+            if p.grad is None or p.numel() == 0:  # an empty tensor has nothing to step
                 continue
-            check_grad(p, "AdamP")
             state = self.state[p]
             if len(state) == 0:
-                check_flat_shard(self, p, group)
                 state["step"] = new_step_counter(p, _step_on_device(group, p))
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -163,7 +162,8 @@ class AdamP(ProjectingOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
+        bodies = self.check_step()
+        for group, body in zip(self.param_groups, bodies, strict=True):
             params: list[Tensor] = []
             grads: list[Tensor] = []
             exp_avgs: list[Tensor] = []
@@ -173,17 +173,15 @@ class AdamP(ProjectingOptimizer):
             if not params:
                 continue
             beta1, beta2 = group["betas"]
-            fused = resolve_fused(group["fused"], group["foreach"], params)
-            foreach = not fused and resolve_foreach(group["foreach"], group["capturable"], params)
             adamp(
-                params, grads, exp_avgs, exp_avg_sqs, steps, foreach=foreach,
+                params, grads, exp_avgs, exp_avg_sqs, steps, backend=body,
                 # counters left on the device by a fused step: the multi-tensor body keeps them
-                capturable=group["capturable"] or (foreach and steps[0].device.type != "cpu"),
+                capturable=group["capturable"] or (body == "foreach"
+                                                   and steps[0].device.type != "cpu"),
                 lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                 weight_decay=group["weight_decay"], delta=group["delta"],
                 wd_ratio=group["wd_ratio"], nesterov=group["nesterov"],
                 maximize=group["maximize"], scale_invariant=group["scale_invariant"],
-                fused=fused,
             )
         return loss
 
@@ -197,7 +195,7 @@ def adamp(
     *,
     foreach: bool = False,
     capturable: bool = False,
-    lr: float,
+    lr: float | Tensor,
     beta1: float,
     beta2: float,
     eps: float,
@@ -208,16 +206,34 @@ def adamp(
     maximize: bool,
     scale_invariant: ScaleInvariant = "auto",
     fused: bool | None = None,
+    backend: str | None = None,
 ) -> None:
-    """Functional AdamP over lists of tensors (see :class:`AdamP` for the maths)."""
-    body = _multi_tensor_adamp if foreach else _single_tensor_adamp
-    if fused:
-        from scaleinv.fused import fused_adamp as body
-    body(
-        params, grads, exp_avgs, exp_avg_sqs, state_steps, capturable=capturable, lr=lr,
-        beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, delta=delta,
+    """Functional AdamP over lists of tensors (see :class:`AdamP` for the maths).
+
+    ``backend`` names the body (:mod:`scaleinv.backends`: ``"reference"``, ``"foreach"``, a
+    fused backend, or ``"fused"`` for the fused path's choice); without it ``fused`` and
+    ``foreach`` choose. Empty tensors are skipped.
+    """
+    if backend is None:
+        backend = "fused" if fused else "foreach" if foreach else "reference"
+    tensors = nonempty(params, grads, exp_avgs, exp_avg_sqs, state_steps)
+    if not tensors[0]:
+        return
+    hyper: dict[str, Any] = dict(
+        lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, delta=delta,
         wd_ratio=wd_ratio, nesterov=nesterov, maximize=maximize, scale_invariant=scale_invariant,
     )
+    if backend == "reference":
+        _single_tensor_adamp(*tensors, capturable=capturable, **hyper)
+        return
+    if backend == "foreach":
+        _multi_tensor_adamp(*tensors, capturable=capturable, **hyper)
+        return
+    left = fused_adamp(*tensors, backend=None if backend == "fused" else backend, **hyper)
+    if left:
+        rest = [[ts[i] for i in left] for ts in tensors]
+        _multi_tensor_adamp(*rest, capturable=capturable or rest[4][0].device.type != "cpu",
+                            **hyper)
 
 
 def _single_tensor_adamp(
@@ -322,7 +338,7 @@ def _multi_tensor_adamp(
                 scale_invariant=scale_invariant, delta=delta, eps=eps,
             )
             for i, coef, was_projected in zip(testable, coefficients, projected, strict=True):
-                ratio = torch.where(was_projected, wd_ratio, 1.0)
+                ratio = weight_decay_ratio(was_projected, wd_ratio, coef.dtype)
                 decay[i] = (1 - lr * weight_decay * ratio) + step_sizes[i] * coef
         for p, factor in zip(d_params, decay, strict=True):
             if isinstance(factor, Tensor):

@@ -224,3 +224,18 @@ def radial_coefficients(
         coefficients.append(coef.reshape(expand))
         projected.append(use_channel | use_layer)
     return coefficients, projected
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype row sums, comparisons and scalar factors use for ``dtype`` tensors: float64
+    for float64, float32 for float32 and the 16-bit types."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def weight_decay_ratio(projected: Tensor, wd_ratio: float, dtype: torch.dtype) -> Tensor:
+    """``r = wd_ratio`` where ``projected`` else ``1``: a 0-dim tensor on ``projected``'s device
+    (no host read) in :func:`accumulation_dtype` of ``dtype``, so that the decay factor
+    ``1 - lr weight_decay r`` is formed at the tensor's precision."""
+    one = torch.ones((), dtype=accumulation_dtype(dtype), device=projected.device)
+    return torch.where(projected, wd_ratio, one)
+

@@ -9,26 +9,21 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from scaleinv._common import (
-    ProjectingOptimizer,
-    check_grad,
-    check_number,
-    resolve_foreach,
-    resolve_fused,
-)
-from scaleinv.distributed import check_flat_shard
+from scaleinv._common import ScaleInvariantOptimizer, check_number, nonempty
+from scaleinv.fused import fused_sgdp
 from scaleinv.projection import (
     ScaleInvariant,
     project_radial_,
     radial_coefficients,
     select_view,
     validate_scale_invariant,
+    weight_decay_ratio,
 )
 
 __all__ = ["SGDP", "sgdp"]
 
 
-class SGDP(ProjectingOptimizer):
+class SGDP(ScaleInvariantOptimizer):
     r"""SGDP (Heo et al., ICLR 2021), numerically faithful to the official ``adamp`` 0.3.0.
 
     Per tensor ``w`` with gradient ``g`` (the buffer starts at zero, unlike ``torch.optim.SGD``)::
@@ -121,32 +116,29 @@ class SGDP(ProjectingOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
+        bodies = self.check_step()
+        for group, body in zip(self.param_groups, bodies, strict=True):
             params: list[Tensor] = []
             grads: list[Tensor] = []
             buffers: list[Tensor] = []
             for p in group["params"]:
-                if p.grad is None:
+                if p.grad is None or p.numel() == 0:  # an empty tensor has nothing to step
                     continue
-                check_grad(p, "SGDP")
                 state = self.state[p]
                 if len(state) == 0:
-                    check_flat_shard(self, p, group)
                     state["momentum"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 params.append(p)
                 grads.append(p.grad)
                 buffers.append(state["momentum"])
             if not params:
                 continue
-            fused = resolve_fused(group["fused"], group["foreach"], params)
             sgdp(
-                params, grads, buffers,
-                foreach=not fused and resolve_foreach(group["foreach"], False, params),
+                params, grads, buffers, backend=body,
                 lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"],
                 weight_decay=group["weight_decay"], nesterov=group["nesterov"],
                 eps=group["eps"], delta=group["delta"], wd_ratio=group["wd_ratio"],
                 project_momentum=group["project_momentum"], maximize=group["maximize"],
-                scale_invariant=group["scale_invariant"], fused=fused,
+                scale_invariant=group["scale_invariant"],
             )
         return loss
 
@@ -157,7 +149,7 @@ def sgdp(
     momentum_buffers: list[Tensor],
     *,
     foreach: bool = False,
-    lr: float,
+    lr: float | Tensor,
     momentum: float,
     dampening: float,
     weight_decay: float,
@@ -169,16 +161,29 @@ def sgdp(
     maximize: bool = False,
     scale_invariant: ScaleInvariant = "auto",
     fused: bool | None = None,
+    backend: str | None = None,
 ) -> None:
-    """Functional SGDP over lists of tensors (see :class:`SGDP` for the maths)."""
-    body = _multi_tensor_sgdp if foreach else _single_tensor_sgdp
-    if fused:
-        from scaleinv.fused import fused_sgdp as body
-    body(
-        params, grads, momentum_buffers, lr=lr, momentum=momentum, dampening=dampening,
-        weight_decay=weight_decay, nesterov=nesterov, eps=eps, delta=delta, wd_ratio=wd_ratio,
+    """Functional SGDP over lists of tensors (see :class:`SGDP` for the maths; ``backend``,
+    ``fused`` and ``foreach`` as in :func:`scaleinv.adamp.adamp`). Empty tensors are
+    skipped."""
+    if backend is None:
+        backend = "fused" if fused else "foreach" if foreach else "reference"
+    tensors = nonempty(params, grads, momentum_buffers)
+    if not tensors[0]:
+        return
+    hyper: dict[str, Any] = dict(
+        lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+        nesterov=nesterov, eps=eps, delta=delta, wd_ratio=wd_ratio,
         project_momentum=project_momentum, maximize=maximize, scale_invariant=scale_invariant,
     )
+    if backend == "reference":
+        _single_tensor_sgdp(*tensors, **hyper)
+    elif backend == "foreach":
+        _multi_tensor_sgdp(*tensors, **hyper)
+    else:
+        left = fused_sgdp(*tensors, backend=None if backend == "fused" else backend, **hyper)
+        if left:
+            _multi_tensor_sgdp(*([ts[i] for i in left] for ts in tensors), **hyper)
 
 
 def _single_tensor_sgdp(
@@ -242,7 +247,7 @@ def _multi_tensor_sgdp(
                 scale_invariant=scale_invariant, delta=delta, eps=eps,
             )
             for i, coef, was_projected in zip(testable, coefficients, projected, strict=True):
-                ratio = torch.where(was_projected, wd_ratio, 1.0)
+                ratio = weight_decay_ratio(was_projected, wd_ratio, d_params[i].dtype)
                 decay[i] = 1 - lr * weight_decay * ratio / (1 - momentum)
                 if project_buffer:
                     d_bufs[i].sub_(d_params[i] * coef)

@@ -41,6 +41,7 @@ from scaleinv.projection import (
     invariance_flags,
     radial_coefficients,
     validate_scale_invariant,
+    weight_decay_ratio,
 )
 from scaleinv.sgdp import SGDP
 
@@ -380,7 +381,7 @@ def _finish(plan: _GroupStep, eps: float) -> None:
         if isinstance(plan.decay, float) and plan.decay == 0:
             factor = 1 - coef
         else:
-            ratio = torch.where(was_projected, group["wd_ratio"], 1.0)
+            ratio = weight_decay_ratio(was_projected, group["wd_ratio"], w.dtype)
             factor = (1 - plan.decay * ratio) - coef
         w.addcmul_(w0, factor)
 
