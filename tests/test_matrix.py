@@ -35,16 +35,29 @@ from matrix import (
     run_case,
     use_backend,
 )
-from reference import EXPECTED_VIEW, accumulation_dtype, assert_dtype_close, reference_view
+from reference import (
+    EXPECTED_VIEW,
+    accumulation_dtype,
+    as_real64,
+    assert_dtype_close,
+    reference_view,
+)
 
 STEPS = 3
 FAST_BACKENDS = ("reference", "foreach", "native", "eager")
 TRITON_FAST_OPTIMIZERS = ("AdamP", "SGDP-project_momentum")
 
 
-def grid(optimizers, dtypes, *axes, fast=None):  # noqa: ANN001, ANN201
+HEAVY_BACKENDS = ("triton", "compiled")  # seconds per case on a CPU (interpreter, inductor)
+HEAVY_OPTIMIZERS = {"triton": ("AdamP", "SGDP", "SGDP-project_momentum"),
+                    "compiled": ("AdamP", "SGDP-project_momentum")}
+
+
+def grid(optimizers, dtypes, *axes, fast=None, heavy=None):  # noqa: ANN001, ANN201
     """``pytest.param(info, backend, dtype, *axis values)`` over every available backend,
-    ``slow`` unless ``fast(info_name, backend, dtype, *values)`` (default: fast backends)."""
+    ``slow`` unless ``fast(info_name, backend, dtype, *values)`` (default: fast backends).
+    The heavy backends run their :data:`HEAVY_OPTIMIZERS` only, and only the cases ``heavy``
+    (same arguments) keeps."""
     import itertools
 
     fast = fast or (lambda name, backend, dtype, *rest: backend in FAST_BACKENDS)
@@ -54,7 +67,12 @@ def grid(optimizers, dtypes, *axes, fast=None):  # noqa: ANN001, ANN201
             if DTYPES[dtype].is_complex and not OPTIMIZERS[name].supports_complex:
                 continue
             for backend in available(DTYPES[dtype]):
+                if backend in HEAVY_BACKENDS and name not in HEAVY_OPTIMIZERS[backend]:
+                    continue
                 for values in itertools.product(*axes):
+                    if (backend in HEAVY_BACKENDS and heavy is not None
+                            and not heavy(name, backend, dtype, *values)):
+                        continue
                     marks = () if fast(name, backend, dtype, *values) else (pytest.mark.slow,)
                     out.append(pytest.param(
                         OPTIMIZERS[name], backend, DTYPES[dtype], *values, marks=marks,
@@ -62,19 +80,33 @@ def grid(optimizers, dtypes, *axes, fast=None):  # noqa: ANN001, ANN201
     return out
 
 
-def check(run: Run, dtype: torch.dtype, *, views: bool = True) -> None:
-    """Ours against the reference and the official optimizer; the built gradients took
-    their branches in the reference (so the case tests what it claims)."""
+def assert_same_nonfinite(actual: torch.Tensor, expected: torch.Tensor, steps: int,
+                          dtype: torch.dtype) -> None:
+    """Non-finite at the same elements (an inf of the reference may be NaN in ours: ``inf *
+    0`` in a fused decay factor; NaN stays in its element either way), the rest within the
+    tolerance of :func:`assert_dtype_close`."""
+    actual, expected = as_real64(actual), expected.detach().double()
+    bad, expected_bad = ~actual.isfinite(), ~expected.isfinite()
+    assert torch.equal(bad, expected_bad), (
+        f"non-finite at {bad.nonzero().tolist()}, the reference at "
+        f"{expected_bad.nonzero().tolist()}")
+    assert_dtype_close(actual[~bad], expected[~bad], steps, dtype)
+
+
+def check(run: Run, dtype: torch.dtype, *, nonfinite: bool = False) -> None:
+    """Ours against the reference and the official optimizer (``nonfinite``: with
+    :func:`assert_same_nonfinite`, else :func:`assert_dtype_close`)."""
+    compare = assert_same_nonfinite if nonfinite else assert_dtype_close
     for i, (p, expected) in enumerate(zip(run.params, run.reference.params, strict=True)):
         try:
-            assert_dtype_close(p, expected, run.steps, dtype)
+            compare(p, expected, run.steps, dtype)
         except AssertionError as error:
             raise AssertionError(f"param {i} {tuple(p.shape)} against the reference: "
                                  f"{error}") from None
     if run.official_params is not None:
         for i, (p, theirs) in enumerate(zip(run.params, run.official_params, strict=True)):
             try:
-                assert_dtype_close(p, theirs.detach().double(), run.steps, dtype)
+                compare(p, theirs.detach().double(), run.steps, dtype)
             except AssertionError as error:
                 raise AssertionError(f"param {i} {tuple(p.shape)} against adamp 0.3.0: "
                                      f"{error}") from None
@@ -114,7 +146,8 @@ def test_every_layout_in_one_group(info: OptimInfo, backend: str, dtype: torch.d
 @pytest.mark.parametrize(("info", "backend", "dtype", "scale_invariant"), grid(
     OPTIMIZERS, DTYPES, ["channel", "layer", False],
     fast=lambda name, backend, dtype, si: backend in FAST_BACKENDS and dtype == "float32"
-    and name in CORE_OPTIMIZERS))
+    and name in CORE_OPTIMIZERS,
+    heavy=lambda name, backend, dtype, si: dtype == "float32"))
 def test_annotations(info: OptimInfo, backend: str, dtype: torch.dtype, scale_invariant: object,
                      monkeypatch: pytest.MonkeyPatch) -> None:
     """``scale_invariant`` given per group: the view taken regardless of the gradients."""
@@ -127,7 +160,9 @@ def test_annotations(info: OptimInfo, backend: str, dtype: torch.dtype, scale_in
     OPTIMIZERS, DTYPES, [name for name in LAYOUTS if name != "mixed"],
     ["auto", "channel", "layer", False],
     fast=lambda name, backend, dtype, layout, si: backend in FAST_BACKENDS
-    and dtype == "float32" and si == "auto" and name in ("AdamP", "SGDP")))
+    and dtype == "float32" and si == "auto" and name in ("AdamP", "SGDP"),
+    heavy=lambda name, backend, dtype, layout, si: dtype in ("float32", "bfloat16")
+    and si in ("auto", "channel")))
 def test_layout(info: OptimInfo, backend: str, dtype: torch.dtype, layout: str,
                 scale_invariant: object, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each layout on its own, every annotation (the full product is slow)."""
@@ -149,7 +184,7 @@ EDGE_OPTIMIZERS = CORE_OPTIMIZERS
 def _edge_fast(triton_cases: tuple[str, ...] = ()):  # noqa: ANN202
     def fast(name: str, backend: str, dtype: str, *values: object) -> bool:
         if backend == "triton":
-            return name == "AdamP" and (not values or values[0] in triton_cases)
+            return name == "AdamP" and bool(values) and values[0] in triton_cases
         return backend in FAST_BACKENDS
     return fast
 
@@ -164,8 +199,8 @@ EDGE_SPECS = [Spec((4, 6), "channel"), Spec((3, 2, 2, 2), "layer"), Spec((5, 3),
 def test_nonfinite(info: OptimInfo, backend: str, dtype: torch.dtype, where: str,
                    monkeypatch: pytest.MonkeyPatch) -> None:
     """One NaN or inf element in a gradient (from step 2) or a weight (from the start) of a
-    tensor the test would project per channel, and in a 1-D one: the NaN stays in the
-    elements the reference (and adamp 0.3.0) has it in, the rest equals the reference (the
+    tensor the test would project per channel, and in a 1-D one: NaN/inf stay in the
+    elements the reference (and adamp 0.3.0) has them in, the rest equals the reference (the
     NaN cosine fails the test: that tensor is not projected)."""
     use_backend(monkeypatch, backend)
     value = math.nan if where.startswith("nan") else math.inf
@@ -186,7 +221,7 @@ def test_nonfinite(info: OptimInfo, backend: str, dtype: torch.dtype, where: str
     run = run_case(info, dtype, EDGE_SPECS, "auto", STEPS, params=params, grad_hook=hook)
     assert not run.params[0].isfinite().all()  # the case reached the tensor
     assert run.reference.views[-1][0] is None  # and its test failed in the reference
-    check(run, dtype)
+    check(run, dtype, nonfinite=True)
 
 
 def _zero_weights(case: str, dtype: torch.dtype) -> list[torch.Tensor]:
