@@ -42,20 +42,39 @@ def row_cosines(w: Tensor, g: Tensor, view: str, eps: float) -> Tensor:
     return dots / (g_rows.norm(dim=1).clamp_min(eps) * w_rows.norm(dim=1).clamp_min(eps))
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Where the test's sums are formed and compared: float64 for float64 tensors, else
+    float32 (16-bit tensors; complex64 as its float32 real view)."""
+    return torch.float64 if dtype in (torch.float64, torch.complex128) else torch.float32
+
+
 def reference_view(
-    w: Tensor, g: Tensor, delta: float, eps: float, scale_invariant: object = "auto"
+    w: Tensor, g: Tensor, delta: float, eps: float, scale_invariant: object = "auto",
+    accumulate: torch.dtype = torch.float64,
 ) -> str | None:
     """The view the update of ``w`` is projected on: the first of (channel, layer) whose
-    largest row cosine is below ``delta / sqrt(d_V)``, or ``None``; annotations are obeyed."""
+    largest row cosine is below ``delta / sqrt(d_V)``, or ``None``; annotations are obeyed.
+
+    ``accumulate``: the dtype the cosines are computed and compared in (strict ``<``; the
+    threshold rounded to that dtype); see :func:`accumulation_dtype`. A NaN cosine fails."""
     if w.dim() < 2 or scale_invariant is False:
         return None
     if scale_invariant in ("channel", "layer"):
         return scale_invariant  # type: ignore[return-value]
+    w, g = w.to(accumulate), g.to(accumulate)
     for view in ("channel", "layer"):
         row_len = rows(w, view).shape[1]
-        if row_cosines(w, g, view, eps).max() < delta / math.sqrt(row_len):
+        limit = torch.tensor(delta / math.sqrt(row_len), dtype=accumulate)
+        if row_cosines(w, g, view, eps).max() < limit:
             return view
     return None
+
+
+def as_real64(t: Tensor) -> Tensor:
+    """A float64 copy of ``t``; a complex tensor as its real view ``[..., 2]`` (how every
+    body steps it)."""
+    t = t.detach()
+    return (torch.view_as_real(t) if t.is_complex() else t).double().clone()
 
 
 def reference_project(w: Tensor, p: Tensor, view: str, eps: float) -> Tensor:
@@ -66,18 +85,21 @@ def reference_project(w: Tensor, p: Tensor, view: str, eps: float) -> Tensor:
 
 
 class ReferenceAdamP:
-    """AdamP in float64 over copies of ``params``; ``step(grads)`` follows DESIGN.md literally."""
+    """AdamP in float64 over copies of ``params``; ``step(grads)`` follows DESIGN.md literally.
+
+    Complex tensors are stepped as their real views; ``maximize`` negates the gradients."""
 
     def __init__(self, params: Sequence[Tensor], *, lr: float, betas: tuple[float, float],
                  eps: float, weight_decay: float, delta: float, wd_ratio: float,
-                 nesterov: bool, scale_invariant: object = "auto") -> None:
-        self.params = [p.detach().double().clone() for p in params]
+                 nesterov: bool, scale_invariant: object = "auto", maximize: bool = False) -> None:
+        self.params = [as_real64(p) for p in params]
         self.exp_avgs = [torch.zeros_like(p) for p in self.params]
         self.exp_avg_sqs = [torch.zeros_like(p) for p in self.params]
         self.t = 0
         self.lr, (self.b1, self.b2), self.eps = lr, betas, eps
         self.weight_decay, self.delta, self.wd_ratio = weight_decay, delta, wd_ratio
         self.nesterov, self.scale_invariant = nesterov, scale_invariant
+        self.maximize = maximize
         self.views: list[list[str | None]] = []
 
     def step(self, grads: Sequence[Tensor]) -> None:
@@ -85,7 +107,7 @@ class ReferenceAdamP:
         b1, b2, lr, t = self.b1, self.b2, self.lr, self.t
         views = []
         for w, g, m, v in zip(self.params, grads, self.exp_avgs, self.exp_avg_sqs, strict=True):
-            g = g.double()
+            g = -as_real64(g) if self.maximize else as_real64(g)
             m.copy_(b1 * m + (1 - b1) * g)
             v.copy_(b2 * v + (1 - b2) * g * g)
             denom = v.sqrt() / math.sqrt(1 - b2**t) + self.eps
@@ -101,25 +123,28 @@ class ReferenceAdamP:
 
 
 class ReferenceSGDP:
-    """SGDP in float64; ``project_momentum`` stores the projected buffer (the official quirk)."""
+    """SGDP in float64; ``project_momentum`` stores the projected buffer (the official quirk).
+
+    Complex tensors are stepped as their real views; ``maximize`` negates the gradients."""
 
     def __init__(self, params: Sequence[Tensor], *, lr: float, momentum: float,
                  dampening: float, weight_decay: float, nesterov: bool, eps: float,
                  delta: float, wd_ratio: float, project_momentum: bool = False,
-                 scale_invariant: object = "auto") -> None:
-        self.params = [p.detach().double().clone() for p in params]
+                 scale_invariant: object = "auto", maximize: bool = False) -> None:
+        self.params = [as_real64(p) for p in params]
         self.buffers = [torch.zeros_like(p) for p in self.params]
         self.lr, self.momentum, self.dampening = lr, momentum, dampening
         self.weight_decay, self.nesterov, self.eps = weight_decay, nesterov, eps
         self.delta, self.wd_ratio = delta, wd_ratio
         self.project_momentum, self.scale_invariant = project_momentum, scale_invariant
+        self.maximize = maximize
         self.views: list[list[str | None]] = []
 
     def step(self, grads: Sequence[Tensor]) -> None:
         mu, lr = self.momentum, self.lr
         views = []
         for w, g, buf in zip(self.params, grads, self.buffers, strict=True):
-            g = g.double()
+            g = -as_real64(g) if self.maximize else as_real64(g)
             buf.copy_(mu * buf + (1 - self.dampening) * g)
             p = g + mu * buf if self.nesterov else buf.clone()
             view = reference_view(w, g, self.delta, self.eps, self.scale_invariant)
@@ -293,6 +318,30 @@ def round_off_tolerance(steps: int) -> float:
     30 steps of AdamP; we allow ``ULPS_PER_STEP = 4`` ulps per step.
     """
     return ULPS_PER_STEP * steps * FLOAT32_EPS
+
+
+def dtype_tolerance(dtype: torch.dtype, steps: int) -> float:
+    """:func:`round_off_tolerance` in ulps of ``dtype`` (of its real part if complex)."""
+    real = dtype.to_real() if dtype.is_complex else dtype
+    return ULPS_PER_STEP * steps * torch.finfo(real).eps
+
+
+def assert_dtype_close(actual: Tensor, expected: Tensor, steps: int,
+                       dtype: torch.dtype | None = None, scale: float = 0.0) -> None:
+    """``actual`` (any dtype; complex as its real view) against a float64 ``expected``: NaN at
+    the same elements, infinities equal, and the finite elements within
+    ``tol * (|expected| + max(max|expected|, scale))``, ``tol = dtype_tolerance(dtype,
+    steps)``; ``scale``: the largest value the step rounded on the way (e.g. the weights
+    before it, where the step cancels them)."""
+    dtype = actual.dtype if dtype is None else dtype
+    actual = as_real64(actual)
+    expected = expected.detach().double()
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    finite = expected.isfinite()
+    tol = dtype_tolerance(dtype, steps)
+    largest = expected[finite].abs().max().item() if finite.any() else 0.0
+    scale = max(largest, scale, FLOAT32_EPS)
+    torch.testing.assert_close(actual, expected, rtol=tol, atol=tol * scale, equal_nan=True)
 
 
 def assert_round_off_close(actual: Tensor, expected: Tensor, steps: int) -> None:
