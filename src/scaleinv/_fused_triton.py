@@ -216,7 +216,7 @@ def _first_pass(
             gg += g * g
             gw += g * w
             ww += w * w
-            wp += w * p
+            wp += tl.where(mask, w * p, 0.0)  # a masked lane's p is 0/0 when eps = 0
     if mode != _K_PLAIN:
         tl.store(stats + 4 * r, tl.sum(gg, 0))
         tl.store(stats + 4 * r + 1, tl.sum(gw, 0))

@@ -10,7 +10,9 @@ part of an update, calls this module. It has two forms of the same maths:
   ``torch.compile(fullgraph=True)``.
 
 Both describe the projected update as ``p - w * s`` with one scalar ``s_i`` per row of the
-chosen view: ``s_i = <w_i, p_i> / (|w_i| + eps)^2``.
+chosen view: ``s_i = <w_i, p_i> / (|w_i| + eps)^2``. Row sums, cosines and the threshold
+comparison run in :func:`accumulation_dtype` (float32 for 16-bit tensors, float64 for
+float64), as ``docs/contract.md`` states.
 """
 
 from __future__ import annotations
@@ -80,7 +82,9 @@ def max_cosine(w: Tensor, g: Tensor, view: View, eps: float) -> Tensor:
     ``cos_i = <g_i, w_i> / (max(|g_i|, eps) * max(|w_i|, eps))``.
     """
     as_view = VIEW_FUNCTIONS[view]
-    return rows_max(F.cosine_similarity(as_view(g), as_view(w), dim=1, eps=eps).abs_())
+    dtype = accumulation_dtype(w.dtype)
+    return rows_max(F.cosine_similarity(as_view(g).to(dtype), as_view(w).to(dtype), dim=1,
+                                        eps=eps).abs_())
 
 
 def select_view(
@@ -126,11 +130,12 @@ def project_radial_(update: Tensor, w: Tensor, view: View, eps: float) -> Tensor
 
 
 def _rowwise_dot(a: Tensor, b: Tensor) -> Tensor:
-    return torch.linalg.vecdot(channel_view(a), channel_view(b))
+    dtype = accumulation_dtype(a.dtype)
+    return torch.linalg.vecdot(channel_view(a).to(dtype), channel_view(b).to(dtype))
 
 
 def _row_norms(x: Tensor) -> Tensor:
-    return torch.linalg.vector_norm(channel_view(x), dim=1)
+    return torch.linalg.vector_norm(channel_view(x), dim=1, dtype=accumulation_dtype(x.dtype))
 
 
 def _channel_coefficients(wp: Tensor, w_norm: Tensor, eps: float) -> Tensor:

@@ -318,7 +318,7 @@ class ProjectedOptimizer(Optimizer):
             if p.grad is None:
                 continue
             w = torch.view_as_real(p) if torch.is_complex(p) else p
-            if mode is False or w.dim() < 2:
+            if mode is False or w.dim() < 2 or w.numel() == 0:  # never tested nor projected
                 others.append(p)
                 continue
             if p.grad.is_sparse:
