@@ -7,7 +7,10 @@ pick neither), this times one ``step()`` of
 
 * AdamP (ours, single-tensor / foreach / fused, and fused with ``scale_invariant`` given),
   against ``torch.optim.AdamW`` (foreach and fused) and the official ``adamp`` 0.3.0;
-* SGDP likewise, against ``torch.optim.SGD(momentum=0.9)`` (foreach and fused).
+* SGDP likewise, against ``torch.optim.SGD(momentum=0.9)`` (foreach and fused);
+* ``torch.compile(opt.step)`` with default options of the fused and foreach steps (rows
+  "... compiled"; the first step pays the compilation, shown in the ``1st ms`` column; leave
+  them out with ``--no-compiled``).
 
 Every figure is a median over interleaved rounds (each optimizer in turn, so slow drifts of
 the machine hit all of them alike) and is reported as a ratio to the baselines measured in the
@@ -103,6 +106,24 @@ def branches(params: list[Tensor], delta: float = 0.1, eps: float = 1e-8) -> Cou
 # Optimizers
 
 
+class Compiled:
+    """``optimizer`` whose ``step`` is ``torch.compile(optimizer.step)`` (default options)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+        self.step = torch.compile(optimizer.step)
+
+
+COMPILED = True  # set by --no-compiled
+
+
+def _with_compiled(makers: dict[str, Callable], names: list[str]) -> dict[str, Callable]:
+    if COMPILED:
+        for name in names:
+            makers[f"{name} compiled"] = lambda ps, make=makers[name]: Compiled(make(ps))
+    return makers
+
+
 def _annotated_groups(params: list[Tensor]) -> list[dict]:
     return [{"params": [p for p in params if p.dim() >= 2], "scale_invariant": "channel"},
             {"params": [p for p in params if p.dim() < 2], "scale_invariant": False}]
@@ -122,7 +143,7 @@ def adam_family(kind: str) -> dict[str, Callable[[list[Tensor]], torch.optim.Opt
     if kind == "channel":
         makers["AdamP fused, channel given"] = lambda ps: scaleinv.AdamP(
             _annotated_groups(ps), fused=True, **hp)
-    return makers
+    return _with_compiled(makers, ["AdamW fused", "AdamP fused", "AdamP foreach"])
 
 
 def sgd_family(kind: str) -> dict[str, Callable[[list[Tensor]], torch.optim.Optimizer]]:
@@ -139,7 +160,7 @@ def sgd_family(kind: str) -> dict[str, Callable[[list[Tensor]], torch.optim.Opti
     if kind == "channel":
         makers["SGDP fused, channel given"] = lambda ps: scaleinv.SGDP(
             _annotated_groups(ps), fused=True, **hp)
-    return makers
+    return _with_compiled(makers, ["SGD fused", "SGDP fused", "SGDP foreach"])
 
 
 FAMILIES = {
@@ -271,7 +292,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="write the results here as JSON")
+    parser.add_argument("--no-compiled", action="store_true",
+                        help="leave out the torch.compile(opt.step) rows")
     args = parser.parse_args()
+    global COMPILED
+    COMPILED = not args.no_compiled
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

@@ -1,4 +1,4 @@
-"""What the maths says, written from DESIGN.md section 2 and nothing else.
+"""What the maths says, written from docs/contract.md and nothing else.
 
 Two things live here, both independent of ``scaleinv`` and of ``adamp``:
 
@@ -85,7 +85,7 @@ def reference_project(w: Tensor, p: Tensor, view: str, eps: float) -> Tensor:
 
 
 class ReferenceAdamP:
-    """AdamP in float64 over copies of ``params``; ``step(grads)`` follows DESIGN.md literally.
+    """AdamP in float64 over copies of ``params``; ``step(grads)`` follows docs/contract.md literally.
 
     Complex tensors are stepped as their real views; ``maximize`` negates the gradients."""
 

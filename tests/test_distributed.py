@@ -1,4 +1,4 @@
-"""Scale-out (DESIGN.md 1.6): DDP, FSDP2 and ZeroRedundancyOptimizer take the same steps as one
+"""Scale-out: DDP, FSDP2 and ZeroRedundancyOptimizer take the same steps as one
 process, FSDP2's decisions are shared without gathering parameters, and flat 1-D shards (FSDP1,
 DeepSpeed ZeRO) are refused instead of silently never projected.
 

@@ -520,3 +520,30 @@ def test_select_view_is_the_cosine_test_reported() -> None:
         if p.dim() >= 2:
             assert report.details[name].cosine_view == select_view(
                 p.detach(), p.grad, "auto", 0.1, 1e-8), name
+
+
+def test_empty_parameters_are_never_tested_or_grouped_for_projection() -> None:
+    """Zero-size parameters (``[0, 5]``, ``[2, 3, 0, 2]``) are reported ``none`` and land in a
+    group that is never projected; the others are inspected as usual."""
+
+    class WithEmpty(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.bn = nn.BatchNorm2d(4)
+            self.empty = nn.Parameter(torch.zeros(0, 5))
+            self.hollow = nn.Parameter(torch.zeros(2, 3, 0, 2))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.bn(self.conv(x)) + self.empty.sum() + self.hollow.sum()
+
+    model = WithEmpty()
+    report = find_scale_invariant(model, torch.randn(2, 3, 8, 8))
+    assert report["empty"] == Invariance.NONE
+    assert "empty" in report.details["empty"].reason
+    assert report["hollow"] == Invariance.NONE
+    assert report["conv.weight"] == Invariance.CHANNEL
+    groups = param_groups(model, invariance=report)
+    unprojected = [p for g in groups if g["scale_invariant"] is False for p in g["params"]]
+    assert any(p is model.empty for p in unprojected)
+    assert any(p is model.hollow for p in unprojected)

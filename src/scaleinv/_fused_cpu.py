@@ -2,7 +2,7 @@
 
 One call runs a whole AdamP or SGDP step over every tensor of a group. Per tensor ``w`` (seen
 as ``[n, d]`` rows, one per output channel) the kernel reads memory as few times as the maths
-allows (DESIGN.md section 5); AdamP's counts, in arrays of one element per weight:
+allows (``docs/performance.md``); AdamP's counts, in arrays of one element per weight:
 
 * never projected (1-D tensors, ``scale_invariant=False``): one pass, like
   ``torch.optim.AdamW(fused=True)`` (7 arrays);

@@ -6,7 +6,7 @@ program handles one row; a tensor that is never projected (1-D, ``scale_invarian
 cut into rows of :data:`PLAIN_ROW` elements. The tensors' addresses reach the kernels through a
 table of pointers, so a whole group is one launch whatever its number of tensors.
 
-AdamP's passes, in arrays of one element per weight (DESIGN.md section 5):
+AdamP's passes, in arrays of one element per weight (``docs/performance.md``):
 
 * never projected: one pass that updates the state and the weight, like
   ``torch.optim.AdamW(fused=True)`` (7 arrays);

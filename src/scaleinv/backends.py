@@ -30,7 +30,6 @@ as documented on :class:`scaleinv.AdamP`.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 import types
@@ -90,14 +89,19 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in (
 )}
 
 
-@functools.cache
+_TRITON: dict[str, types.ModuleType | None] = {}  # a plain memo: dynamo traces it as it is
+
+
 def triton_kernels() -> types.ModuleType | None:
     """:mod:`scaleinv._fused_triton`, or ``None`` where Triton is not installed."""
-    if importlib.util.find_spec("triton") is None:
-        return None
-    from scaleinv import _fused_triton
+    if "kernels" not in _TRITON:
+        if importlib.util.find_spec("triton") is None:
+            _TRITON["kernels"] = None
+        else:
+            from scaleinv import _fused_triton
 
-    return _fused_triton
+            _TRITON["kernels"] = _fused_triton
+    return _TRITON["kernels"]
 
 
 def _triton_runs_on(device: torch.device) -> bool:

@@ -1207,7 +1207,7 @@ def _cosine_tests(named: Sequence[tuple[str, Tensor]], grads: Mapping[str, Tenso
     results = {}
     for name, p in named:
         g = grads.get(name)
-        if p.dim() < 2 or g is None:
+        if p.dim() < 2 or p.numel() == 0 or g is None:  # never tested
             results[name] = (None, {}, {})
             continue
         w = p.detach()
@@ -1350,6 +1350,9 @@ def _inspect_one(name: str, p: Tensor, trace: _Trace, forward: Callable[[], Any]
     if p.dim() < 2:
         return ParamInvariance(name, shape, Invariance.NONE,
                                f"{name}: 1-D, never projected", cosine_view=None)
+    if p.numel() == 0:
+        return ParamInvariance(name, shape, Invariance.NONE,
+                               f"{name}: empty, never projected", cosine_view=None)
     if trace.param_nodes.get(name) is None and trace.error is None:
         return ParamInvariance(name, shape, Invariance.NONE,
                                f"{name}: not used in the forward pass", cosine_view=view,

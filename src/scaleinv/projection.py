@@ -1,4 +1,4 @@
-"""Views, the invariance test and the radial projection (DESIGN.md section 2).
+"""Views, the invariance test and the radial projection (``docs/contract.md``).
 
 Everything in scaleinv that decides whether a tensor is scale-invariant, or removes the radial
 part of an update, calls this module. It has two forms of the same maths:
@@ -36,7 +36,7 @@ SCALE_INVARIANT_CHOICES: tuple[object, ...] = ("auto", "channel", "layer", False
 
 def channel_view(x: Tensor) -> Tensor:
     """``x`` as ``[n, numel / n]``: one row per output channel."""
-    return x.reshape(x.shape[0], -1)
+    return x.reshape(x.shape[0], math.prod(x.shape[1:]))
 
 
 def layer_view(x: Tensor) -> Tensor:
@@ -97,7 +97,7 @@ def select_view(
     (channel, layer) with ``max_i |cos(g_i, w_i)| < delta / sqrt(d_V)`` is chosen. This is the
     reference form: each test reads one number back to the host.
     """
-    if w.dim() < 2 or scale_invariant is False:
+    if w.dim() < 2 or w.numel() == 0 or scale_invariant is False:
         return None
     if scale_invariant != "auto":
         return scale_invariant  # type: ignore[return-value]
@@ -166,7 +166,7 @@ def invariance_flags(
     if scale_invariant is not False and scale_invariant != "auto":
         given = torch.ones((), dtype=torch.bool, device=w.device)
         return (given, ~given) if scale_invariant == "channel" else (~given, given)
-    if scale_invariant is False:
+    if scale_invariant is False or w.numel() == 0:  # an empty tensor is never projected
         false = torch.zeros((), dtype=torch.bool, device=w.device)
         return false, false
     if w_norm is None:
