@@ -85,7 +85,7 @@ def reference_project(w: Tensor, p: Tensor, view: str, eps: float) -> Tensor:
 
 
 class ReferenceAdamP:
-    """AdamP in float64 over copies of ``params``; ``step(grads)`` follows docs/contract.md literally.
+    """AdamP in float64 over copies of ``params``; ``step(grads)`` follows docs/contract.md.
 
     Complex tensors are stepped as their real views; ``maximize`` negates the gradients."""
 

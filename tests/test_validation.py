@@ -37,7 +37,6 @@ BAD_SGDP = [
     (dict(eps=-1.0), "eps", r"[0, inf)"),
     (dict(delta=0.0), "delta", r"(0, inf)"),
     (dict(wd_ratio=2.0), "wd_ratio", r"[0, 1]"),
-    (dict(nesterov=True), "Nesterov", "momentum"),
     (dict(nesterov=True, momentum=0.9, dampening=0.1), "Nesterov", "dampening"),
 ]
 

@@ -149,8 +149,17 @@ class ScaleInvariantOptimizer(Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load ``state_dict``; options it lacks (an ``adamp`` 0.3.0 checkpoint has none of ours)
-        keep the values this optimizer was built with."""
-        super().load_state_dict(with_current_options(state_dict, self.param_groups))
+        keep the values this optimizer was built with. Checkpoints of other optimizers go
+        through :func:`scaleinv.integrations.checkpoints.migrate` (continued or refused here,
+        never in ``step``); the loaded hyperparameters are checked like the constructor's."""
+        from scaleinv.integrations.checkpoints import migrate
+
+        kind = "AdamP" if "betas" in self.defaults else "SGDP"
+        merged = with_current_options(migrate(state_dict, kind), self.param_groups)
+        if len(merged["param_groups"]) == len(self.param_groups):
+            for group in merged["param_groups"]:
+                self.check_hyperparameters(group)
+        super().load_state_dict(merged)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)

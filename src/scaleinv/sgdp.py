@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
+from torch.optim.optimizer import required
 
 from scaleinv._common import ScaleInvariantOptimizer, check_number, nonempty
 from scaleinv.fused import fused_sgdp
@@ -39,11 +40,12 @@ class SGDP(ScaleInvariantOptimizer):
 
     Args:
         params: parameters or param groups.
-        lr: learning rate, ``>= 0`` (required).
+        lr: learning rate, ``>= 0``; required, here or in every param group.
         momentum: momentum factor, in ``[0, 1)``.
         dampening: dampening of the gradient in the buffer, in ``[0, 1]``.
         weight_decay: decoupled weight decay, ``>= 0``.
-        nesterov: Nesterov momentum (needs ``momentum > 0`` and ``dampening == 0``).
+        nesterov: Nesterov momentum (needs ``dampening == 0`` when ``momentum > 0``; with
+            ``momentum == 0`` the update is the gradient, as in ``adamp`` 0.3.0).
         eps: added to the norms of the cosine test and the projection, ``>= 0``.
         delta: threshold of the cosine test, ``> 0``.
         wd_ratio: weight-decay multiplier for projected tensors, in ``[0, 1]``.
@@ -67,7 +69,7 @@ class SGDP(ScaleInvariantOptimizer):
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        lr: float | Tensor,
+        lr: float | Tensor = required,
         momentum: float = 0,
         dampening: float = 0,
         weight_decay: float = 0,
@@ -96,15 +98,16 @@ class SGDP(ScaleInvariantOptimizer):
     def check_hyperparameters(options: dict[str, Any]) -> None:
         """Raise ``ValueError``/``TypeError`` for a hyperparameter out of its range."""
         momentum, dampening = options["momentum"], options["dampening"]
-        check_number("lr", options["lr"], low=0.0)
+        if options["lr"] is not required:  # no default: every group gives its own
+            check_number("lr", options["lr"], low=0.0)
         check_number("momentum", momentum, low=0.0, high=1.0)
         check_number("dampening", dampening, low=0.0, high=1.0, high_open=False)
         check_number("weight_decay", options["weight_decay"], low=0.0)
         check_number("eps", options["eps"], low=0.0)
         check_number("delta", options["delta"], low=0.0, low_open=True)
         check_number("wd_ratio", options["wd_ratio"], low=0.0, high=1.0, high_open=False)
-        if options["nesterov"] and (momentum <= 0 or dampening != 0):
-            raise ValueError("Nesterov momentum requires a momentum > 0 and zero dampening")
+        if options["nesterov"] and momentum != 0 and dampening != 0:
+            raise ValueError("Nesterov momentum requires zero dampening")
         validate_scale_invariant(options["scale_invariant"])
         if options["fused"] and options["foreach"]:
             raise ValueError("fused=True and foreach=True cannot be used together")
