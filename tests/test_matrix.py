@@ -55,7 +55,8 @@ HEAVY_OPTIMIZERS = {"triton": ("AdamP", "SGDP", "SGDP-project_momentum"),
 
 def grid(optimizers, dtypes, *axes, fast=None, heavy=None):  # noqa: ANN001, ANN201
     """``pytest.param(info, backend, dtype, *axis values)`` over every available backend,
-    ``slow`` unless ``fast(info_name, backend, dtype, *values)`` (default: fast backends).
+    ``slow`` unless ``fast(info_name, backend, dtype, *values)`` (default: fast backends);
+    the compiled backend's cases beyond float32 AdamP are ``exhaustive`` (not run by CI).
     The heavy backends run their :data:`HEAVY_OPTIMIZERS` only, and only the cases ``heavy``
     (same arguments) keeps."""
     import itertools
@@ -73,7 +74,12 @@ def grid(optimizers, dtypes, *axes, fast=None, heavy=None):  # noqa: ANN001, ANN
                     if (backend in HEAVY_BACKENDS and heavy is not None
                             and not heavy(name, backend, dtype, *values)):
                         continue
-                    marks = () if fast(name, backend, dtype, *values) else (pytest.mark.slow,)
+                    if backend == "compiled" and not (dtype == "float32" and name == "AdamP"):
+                        marks = (pytest.mark.exhaustive,)  # a minute of inductor each
+                    elif fast(name, backend, dtype, *values):
+                        marks = ()
+                    else:
+                        marks = (pytest.mark.slow,)
                     out.append(pytest.param(
                         OPTIMIZERS[name], backend, DTYPES[dtype], *values, marks=marks,
                         id="-".join([name, backend, dtype, *map(str, values)])))
