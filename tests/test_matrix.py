@@ -254,9 +254,21 @@ def _tangent_or_random(w: torch.Tensor, generator: torch.Generator) -> torch.Ten
     return (n_rows - coef * w_rows).reshape(w.shape)
 
 
-@pytest.mark.parametrize(("info", "backend", "dtype", "case", "eps"), grid(
+INDUCTOR_CPU_NAN = pytest.mark.xfail(strict=True, reason=(
+    "torch 2.13's inductor, vectorised CPU code with one thread: the compiled per-tensor AdamP "
+    "body gives NaN for all-zero rows with eps=0 (correct with cpp.simdlen=1, with two "
+    "threads, and uncompiled); an upstream bug, not reduced further"))
+
+
+def _inductor_cpu_nan(params: list) -> list:  # noqa: ANN001
+    """``params`` with the compiled backend's ``eps=0`` cases on a CPU marked as known fails."""
+    return [pytest.param(*p.values, marks=[*p.marks, INDUCTOR_CPU_NAN], id=p.id)
+            if p.values[1] == "compiled" and p.values[-1] == 0.0 else p for p in params]
+
+
+@pytest.mark.parametrize(("info", "backend", "dtype", "case", "eps"), _inductor_cpu_nan(grid(
     EDGE_OPTIMIZERS, ["float32"], ["zero_rows", "zero_weight"], [1e-8, 0.0],
-    fast=_edge_fast(("zero_weight",))))
+    fast=_edge_fast(("zero_weight",)))))
 def test_zero_weights(info: OptimInfo, backend: str, dtype: torch.dtype, case: str, eps: float,
                       monkeypatch: pytest.MonkeyPatch) -> None:
     """Zero rows, or all-zero weights (a zero-initialised layer), with ``eps`` 1e-8 and 0: the

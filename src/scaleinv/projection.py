@@ -174,6 +174,8 @@ def invariance_flags(
     g_norm = _row_norms(g)
     gw = _rowwise_dot(g, w)
     channel_cos = gw.abs() / (g_norm.clamp_min(eps) * w_norm.clamp_min(eps))
+    # a NaN cosine fails the test; as +inf it also survives a max that drops NaN (inductor's)
+    channel_cos = channel_cos.nan_to_num(nan=math.inf, posinf=math.inf)
     layer_g_norm = g_norm.square().sum().sqrt()
     layer_w_norm = w_norm.square().sum().sqrt()
     layer_cos = gw.sum().abs() / (layer_g_norm.clamp_min(eps) * layer_w_norm.clamp_min(eps))
