@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from scaleinv.experiments.optimizers import PROJECTED
-from scaleinv.experiments.records import RunResult, dumps, read_runs, write_atomic
+from scaleinv.experiments.records import RunResult, dumps, read_runs, write_atomic, write_jsonl
 from scaleinv.experiments.tasks import Task, get_task
 
 __all__ = ["BASE_OF", "Metadata", "paired_difference", "rerender", "summarise",
@@ -344,7 +344,7 @@ def plot_curves(task: Task, meta: Metadata, results: Sequence[RunResult], path: 
     FigureCanvasAgg(figure)
     axes = figure.subplots(2, 2).ravel()
     panels = [
-        ("metric", f"{task.metric} (held out)", "linear"),
+        ("metric", task.metric, "linear"),
         ("norm_ratio", "weight-norm ratio |w_t| / |w_0|", "linear"),
         ("effective_step", "effective step |Δw| / |w| (log)", "log"),
     ]
@@ -378,7 +378,8 @@ def plot_curves(task: Task, meta: Metadata, results: Sequence[RunResult], path: 
         if any(not line.get_label().startswith("_") for line in ax.get_lines()):
             ax.legend(fontsize=9)
     figure.suptitle(
-        f"{task.name}: {task.description}\nmean over {len(seeds)} seed(s) {seeds} of the "
+        f"{task.name}: {task.description}\nmean over {len(seeds)} "
+        f"seed{'s' if len(seeds) > 1 else ''} {seeds} of the "
         f"per-epoch values; scale-invariant tensors: {len(meta.scale_invariant)} "
         "(norm ratio: mean of |w_t|/|w_0| over them)", fontsize=11)
     figure.savefig(path, dpi=110)
@@ -422,12 +423,14 @@ def write_all(out: Path, task: Task, results: Sequence[RunResult], meta: Metadat
 
 def rerender(folder: Path) -> None:
     """Rewrite the tables and figures of a finished comparison from its ``runs.jsonl``,
-    ``steps.jsonl`` (when present) and the metadata of its ``summary.json``."""
+    ``steps.jsonl`` (when present) and the metadata of its ``summary.json``; ``runs.jsonl`` is
+    rewritten as strict JSON (files of older versions held bare ``NaN``)."""
     folder = Path(folder)
     summary = json.loads((folder / "summary.json").read_text())
     meta = Metadata.from_json(summary["meta"])
     task = get_task(meta.task)
     results = read_runs(folder / "runs.jsonl")
+    write_jsonl(folder / "runs.jsonl", [r.to_json() for r in results])
     steps = folder / "steps.jsonl"
     step_logs = read_steps(steps) if steps.exists() else {}
     write_tables(folder, task, results, meta, summary["complete"])
