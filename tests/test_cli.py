@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -119,6 +120,25 @@ def test_rerun_never_loses_earlier_results(tmp_path, monkeypatch) -> None:
     assert finished.exit_code == 0, finished.output
     assert [json.loads(line)["optimizer"] for line in
             (out / "runs.jsonl").read_text().splitlines()] == ["sgdp", "sgdp"]
+
+
+def test_sigterm_is_handled_like_ctrl_c(tmp_path, monkeypatch) -> None:
+    real_train_run = runner_module.train_run
+    calls: list[str] = []
+
+    def train_run(*args, **kwargs):
+        calls.append(args[2])
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_train_run(*args, **kwargs)
+
+    monkeypatch.setattr(runner_module, "train_run", train_run)
+    before = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "run"
+    result = cli.invoke(app, ["compare", *TINY, "--optimizers", "sgd,sgdp", "--out", str(out)])
+    assert result.exit_code == INTERRUPTED_EXIT_CODE, result.output
+    assert len((out / "runs.jsonl").read_text().splitlines()) == 1
+    assert signal.getsignal(signal.SIGTERM) == before  # the handler is put back
 
 
 def test_default_output_is_a_new_folder_and_named_at_the_end(tmp_path, monkeypatch) -> None:

@@ -6,6 +6,8 @@ commands, so ``scaleinv --help`` stays fast.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -109,12 +111,7 @@ def compare(
              "way).")] = True,
     small: Annotated[bool, typer.Option(hidden=True, help="Tiny data slice (for tests).")] = False,
 ) -> None:
-    from scaleinv.experiments.runner import (
-        CompareConfig,
-        OutputError,
-        check_output,
-        fresh_folder,
-    )
+    from scaleinv.experiments.runner import OutputError, check_output, fresh_folder
 
     _check_task(task, allow_all=True)
     _check_device(device)
@@ -136,10 +133,21 @@ def compare(
     import torch
 
     torch.set_num_threads(threads)
+    with _sigterm_as_interrupt():
+        _compare_tasks(task, chosen, folders, root, seeds, epochs, device, progress, small,
+                       monitor_every)
+
+
+def _compare_tasks(task: str, chosen: dict[str, tuple[str, ...]], folders: dict[str, Path],
+                   root: Path, seeds: int, epochs: int | None, device: str, progress: bool,
+                   small: bool, monitor_every: int) -> None:
+    from scaleinv.experiments.runner import CompareConfig
+
     total = seeds * sum(len(names) for names in chosen.values())
     done = 0
     sections: list[str] = []
     written: list[str] = []
+    finished = False
     try:
         for name, names in chosen.items():
             outcome = _run_task(
@@ -151,14 +159,36 @@ def compare(
             sections.append((outcome.folder / "summary.md").read_text())
             typer.echo(sections[-1])
             written.append(_files_line(outcome.folder, outcome.files))
+        finished = True
     finally:
-        if task == "all" and sections:  # the tasks that finished, also after Ctrl-C
+        combined = root / "summary.md"
+        if task == "all" and sections and (finished or not combined.exists()):
+            # the tasks that finished, also after Ctrl-C (but never over an earlier summary)
             from scaleinv.experiments.records import write_atomic
 
-            write_atomic(root / "summary.md", "\n".join(sections))
+            write_atomic(combined, "\n".join(sections))
             written.append(_files_line(root, ["summary.md"]))
         for line in written:
             typer.echo(line)
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Treat SIGTERM (``kill``, a job scheduler) like Ctrl-C: keep the finished runs."""
+    import signal
+    import threading
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _files_line(folder: Path, files: list[str]) -> str:
