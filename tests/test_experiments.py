@@ -194,6 +194,9 @@ def test_runs_round_trip_through_strict_json(tmp_path) -> None:
     (back,) = read_runs(path)
     assert math.isnan(back.metric) and math.isnan(back.norm_ratio) and back.diverged
     assert [p.name for p in tmp_path.iterdir()] == ["runs.jsonl"]  # no temporary left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_rerender_rebuilds_the_same_tables(tmp_path) -> None:

@@ -101,12 +101,23 @@ def dumps(value: Any, **kwargs: Any) -> str:
     return json.dumps(strict(value), allow_nan=False, **kwargs)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()
+
+
 def write_atomic(path: Path, data: str | bytes) -> Path:
-    """Write ``data`` to a temporary file next to ``path``, then move it onto ``path``."""
+    """Write ``data`` to a temporary file next to ``path``, then move it onto ``path`` (with
+    the permissions an ordinary ``open`` would give, not ``mkstemp``'s private 0600)."""
     path = Path(path)
     descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp",
                                              dir=path.parent)
     try:
+        os.chmod(temporary, 0o666 & ~_UMASK)
         with os.fdopen(descriptor, "wb") as stream:
             stream.write(data.encode() if isinstance(data, str) else data)
         os.replace(temporary, path)

@@ -337,6 +337,7 @@ def plot_curves(task: Task, meta: Metadata, results: Sequence[RunResult], path: 
     optimizer divided by its base's."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
     names = [n for n in meta.optimizers if any(r.optimizer == n and r.history for r in results)]
     seeds = sorted({r.seed for r in results})
@@ -367,7 +368,12 @@ def plot_curves(task: Task, meta: Metadata, results: Sequence[RunResult], path: 
         ratios = [x / y if y > 0 else math.nan for x, y in zip(p, b, strict=False)]
         ratio_axis.plot(epochs[:len(ratios)], ratios,
                         **{**style(projected, len(ratios)), "label": f"{projected} / {base}"})
-    ratio_axis.set_ylabel("effective step, P / base")
+    ratio_axis.set_ylabel("effective step, P / base (log)")
+    ratio_axis.set_yscale("log")
+    plain = FuncFormatter(lambda value, _: f"{value:g}")
+    ratio_axis.yaxis.set_major_formatter(plain)
+    low, high = ratio_axis.get_ylim()
+    ratio_axis.yaxis.set_minor_formatter(plain if high < 10 * low else NullFormatter())
     panel_titles = ["held-out metric", "norm growth of the scale-invariant weights",
                     "effective step of those weights", "effective step: P optimizer / its base"]
     for ax, title in zip(axes, panel_titles, strict=True):
