@@ -121,6 +121,7 @@ def test_sharded_projection_matches_unsharded(measured: dict[str, Any], name: st
 # ------------------------------------------------------------------------------- flat shards
 
 
+@pytest.mark.slow  # the two-process gloo runs: minutes of setup on a busy 2-core machine
 @pytest.mark.parametrize("optimizer", ["AdamP", "SGDP"])
 @pytest.mark.parametrize(
     ("use_orig_params", "reason"),
