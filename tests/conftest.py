@@ -3,10 +3,16 @@ hypothesis profiles: ``scaleinv`` (the default) and ``scaleinv-noshrink`` (repor
 failing example at once; for debugging: ``pytest --hypothesis-profile=scaleinv-noshrink``).
 
 Without a GPU, Triton (if installed) runs kernels through its interpreter: ``TRITON_INTERPRET``
-must be set before anything imports Triton, so it is set here (``tests/test_triton.py``)."""
+must be set before anything imports Triton, so it is set here (``tests/test_triton.py``).
+
+``python -m pytest -m quick`` runs the core contract only (the modules in ``QUICK_MODULES``:
+parity with ``adamp`` 0.3.0, the branches of the cosine test, the ``torch.optim`` API,
+argument validation, checkpoints and the README example)."""
 
 import os
+from pathlib import Path
 
+import pytest
 import torch
 from hypothesis import HealthCheck, Phase, settings
 
@@ -27,3 +33,14 @@ settings.register_profile(
     phases=[Phase.explicit, Phase.reuse, Phase.generate],
 )
 settings.load_profile("scaleinv")
+
+QUICK_MODULES = frozenset({
+    "test_parity_adamp.py", "test_parity_sgdp.py", "test_branches.py", "test_optimizer_api.py",
+    "test_validation.py", "test_state_dict.py", "test_readme.py", "test_layers.py",
+})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if Path(str(item.path)).name in QUICK_MODULES and not item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.quick)

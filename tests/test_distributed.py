@@ -41,6 +41,7 @@ def measured(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 # ------------------------------------------------------------------ same steps as one process
 
 
+@pytest.mark.slow  # the two-process gloo runs: minutes of setup on a busy 2-core machine
 @pytest.mark.parametrize("case", CASES)
 def test_same_steps_as_one_process(measured: dict[str, Any], case: str) -> None:
     result = measured["training"][case]
@@ -51,6 +52,7 @@ def test_same_steps_as_one_process(measured: dict[str, Any], case: str) -> None:
     )
 
 
+@pytest.mark.slow  # the two-process gloo runs: minutes of setup on a busy 2-core machine
 def test_the_runs_exercise_every_branch(measured: dict[str, Any]) -> None:
     """The cosine test chose channel, layer and no projection in the runs compared above."""
     chosen: dict[str, Counter[str]] = {model: Counter() for model in _dist_worker.MODELS}
@@ -60,6 +62,7 @@ def test_the_runs_exercise_every_branch(measured: dict[str, Any]) -> None:
     assert chosen["transformer"]["layer"] > 0 and chosen["transformer"]["None"] > 0, chosen
 
 
+@pytest.mark.slow  # the two-process gloo runs: minutes of setup on a busy 2-core machine
 def test_fsdp2_cases_shard_unevenly_down_to_an_empty_shard(measured: dict[str, Any]) -> None:
     for case in CASES:
         if case.split("/")[0] not in SHARDED:
@@ -72,6 +75,7 @@ def test_fsdp2_cases_shard_unevenly_down_to_an_empty_shard(measured: dict[str, A
             assert [r["head.weight"] for r in rows] == [1, 0], rows
 
 
+@pytest.mark.slow  # the two-process gloo runs: minutes of setup on a busy 2-core machine
 @pytest.mark.parametrize("case", [c for c in CASES if c.split("/")[0] in SHARDED])
 def test_fsdp2_step_gathers_no_parameter(measured: dict[str, Any], case: str) -> None:
     """The optimizer step's only collectives are all-reduces (no all-gather): of one element
@@ -92,6 +96,7 @@ def test_fsdp2_step_gathers_no_parameter(measured: dict[str, Any], case: str) ->
 # --------------------------------------------------------------- projection on Shard(0) DTensors
 
 
+@pytest.mark.slow  # the two-process gloo runs: minutes of setup on a busy 2-core machine
 def test_sharded_projection_covers_every_outcome(measured: dict[str, Any]) -> None:
     results = measured["projection"].values()
     assert {r["expected_view"] for r in results} == {"channel", "layer", None}
@@ -101,6 +106,7 @@ def test_sharded_projection_covers_every_outcome(measured: dict[str, Any]) -> No
     assert any(r["expected_view"] is None and r["local_rows"][1] > 0 for r in half)
 
 
+@pytest.mark.slow  # the two-process gloo runs: minutes of setup on a busy 2-core machine
 @pytest.mark.parametrize("name", sorted(_dist_worker.projection_cases()))
 def test_sharded_projection_matches_unsharded(measured: dict[str, Any], name: str) -> None:
     result = measured["projection"][name]
@@ -115,6 +121,7 @@ def test_sharded_projection_matches_unsharded(measured: dict[str, Any], name: st
 # ------------------------------------------------------------------------------- flat shards
 
 
+@pytest.mark.slow  # the two-process gloo runs: minutes of setup on a busy 2-core machine
 @pytest.mark.parametrize("optimizer", ["AdamP", "SGDP"])
 @pytest.mark.parametrize(
     ("use_orig_params", "reason"),

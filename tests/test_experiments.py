@@ -10,6 +10,8 @@ import os
 import pytest
 import torch
 
+from scaleinv.experiments import OPTIMIZER_NAMES as LISTED_OPTIMIZERS
+from scaleinv.experiments import TASK_NAMES
 from scaleinv.experiments import data as datasets
 from scaleinv.experiments.optimizers import (
     OPTIMIZER_NAMES,
@@ -17,7 +19,8 @@ from scaleinv.experiments.optimizers import (
     make_optimizer,
     parse_optimizers,
 )
-from scaleinv.experiments.report import compare_pairs, summarise
+from scaleinv.experiments.records import RunResult, dumps, read_runs, write_jsonl
+from scaleinv.experiments.report import compare_pairs, paired_difference, rerender, summarise
 from scaleinv.experiments.runner import (
     CompareConfig,
     compare,
@@ -144,7 +147,9 @@ def test_projection_slows_norm_growth_on_digits() -> None:
 def test_compare_writes_tables_and_keeps_the_seed_order(tmp_path) -> None:
     config = CompareConfig(task="mnist1d-mlp", optimizers=("adamw", "adamp"), seeds=2, epochs=1,
                            out=tmp_path, progress=False, small=True)
-    results = compare(config)
+    outcome = compare(config)
+    assert outcome.complete and outcome.folder == tmp_path
+    results = outcome.results
     assert [(r.seed, r.optimizer) for r in results] == [
         (0, "adamw"), (0, "adamp"), (1, "adamw"), (1, "adamp")
     ]
@@ -158,9 +163,54 @@ def test_compare_writes_tables_and_keeps_the_seed_order(tmp_path) -> None:
         assert (tmp_path / name).stat().st_size > 0
 
 
-def test_summary_statistics_are_mean_and_sample_std() -> None:
-    from scaleinv.experiments.runner import RunResult
+def test_the_torch_free_name_lists_match_the_registries() -> None:
+    assert list(TASK_NAMES) == list(TASKS)
+    assert LISTED_OPTIMIZERS == OPTIMIZER_NAMES
 
+
+def test_paired_difference_mean_t_interval_and_signs() -> None:
+    metrics = {"sgd": [90.0, 91.0, 92.0, 93.0, 94.0], "sgdp": [91.0, 93.0, 92.0, 96.0, 93.0]}
+    runs = [RunResult("t", name, seed, 1, value, 1.0, 0.1, 0.0, 1.0, False)
+            for name, values in metrics.items() for seed, value in enumerate(values)]
+    paired = paired_difference(runs, "sgdp", "sgd", higher_is_better=True)
+    diffs = [1.0, 2.0, 0.0, 3.0, -1.0]
+    mean, sd = sum(diffs) / 5, math.sqrt(sum((d - 1.0) ** 2 for d in diffs) / 4)
+    assert paired["mean"] == pytest.approx(mean)
+    assert paired["ci95"] == pytest.approx(2.776445 * sd / math.sqrt(5), rel=1e-5)  # t(0.975, 4)
+    assert (paired["n"], paired["better"], paired["worse"], paired["ties"]) == (5, 3, 1, 1)
+    lower = paired_difference(runs, "sgdp", "sgd", higher_is_better=False)
+    assert lower["mean"] == pytest.approx(-mean) and lower["better"] == 1
+    unpaired = [r for r in runs if not (r.optimizer == "sgd" and r.seed > 0)]
+    single = paired_difference(unpaired, "sgdp", "sgd", higher_is_better=True)
+    assert single["n"] == 1 and math.isnan(single["ci95"])
+    assert paired_difference(runs, "adamp", "adam", higher_is_better=True) is None
+
+
+def test_runs_round_trip_through_strict_json(tmp_path) -> None:
+    run = RunResult("t", "sgd", 0, 1, math.nan, math.inf, 0.1, math.nan, 1.0, True)
+    text = dumps(run.to_json())
+    assert "NaN" not in text and "Infinity" not in text and '"metric": null' in text
+    path = write_jsonl(tmp_path / "runs.jsonl", [run.to_json()])
+    (back,) = read_runs(path)
+    assert math.isnan(back.metric) and math.isnan(back.norm_ratio) and back.diverged
+    assert [p.name for p in tmp_path.iterdir()] == ["runs.jsonl"]  # no temporary left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_rerender_rebuilds_the_same_tables(tmp_path) -> None:
+    config = CompareConfig(task="digits", optimizers=("sgd", "sgdp"), seeds=2, epochs=1,
+                           out=tmp_path, progress=False, small=True)
+    compare(config)
+    tables = {n: (tmp_path / n).read_text() for n in ("summary.md", "summary.json")}
+    (tmp_path / "curves.png").unlink()
+    rerender(tmp_path)
+    assert {n: (tmp_path / n).read_text() for n in tables} == tables
+    assert (tmp_path / "curves.png").exists()
+
+
+def test_summary_statistics_are_mean_and_sample_std() -> None:
     runs = [
         RunResult("t", "sgd", seed, 1, metric, 2.0, 0.1, 0.0, 1.0, False)
         for seed, metric in enumerate([90.0, 92.0, 94.0])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import warnings
 from typing import Any
@@ -361,7 +362,20 @@ def test_csv_and_jsonl_round_trip(tmp_path) -> None:
     jsonl_path = monitor.to_jsonl(tmp_path / "log.jsonl")
     assert csv_path.read_text().splitlines()[0] == ",".join(RECORD_KEYS)
     assert load_records(csv_path) == monitor.records
-    assert load_records(jsonl_path) == monitor.records
+    non_finite = [r for r in monitor.records if not math.isfinite(r["effective_step"])]
+    assert non_finite, "the bias starts at zero: its effective step is infinite"
+
+    def forbid(name: str) -> None:
+        raise ValueError(f"{name} is not strict JSON")
+
+    for line in jsonl_path.read_text().splitlines():  # strict JSON: null, never NaN/Infinity
+        json.loads(line, parse_constant=forbid)
+    assert missing_as_none(load_records(jsonl_path)) == missing_as_none(monitor.records)
+
+
+def missing_as_none(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: None if isinstance(v, float) and not math.isfinite(v) else v
+             for k, v in r.items()} for r in records]
 
 
 def test_close_removes_hooks_and_keeps_records() -> None:
@@ -381,14 +395,31 @@ def test_params_given_as_iterables() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2))
     optimizer = torch.optim.SGD(model[0].parameters(), lr=0.1)  # model[1] is not optimized
-    by_list = StepSizeMonitor(list(model.parameters()), optimizer)
-    by_pairs = StepSizeMonitor(model.named_parameters(), optimizer,
-                               invariance={"0.weight": "layer"})
+    by_list = StepSizeMonitor(list(model[0].parameters()), optimizer)
+    by_pairs = StepSizeMonitor(model[0].named_parameters(), optimizer,
+                               invariance={"weight": "layer"})
+    by_module = StepSizeMonitor(model, optimizer)  # a module's frozen parameters are skipped
     model(torch.randn(4, 3)).sum().backward()
     optimizer.step()
     assert [r["name"] for r in by_list.records] == ["param0", "param1"]
     assert [(r["name"], r["kind"]) for r in by_pairs.records] == [
-        ("0.weight", "layer"), ("0.bias", "unknown")]
+        ("weight", "layer"), ("bias", "unknown")]
+    assert [r["name"] for r in by_module.records] == ["0.weight", "0.bias"]
+
+
+def test_parameters_the_optimizer_does_not_hold_are_refused() -> None:
+    model, other = nn.Linear(3, 2), nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"model_or_params holds 2 parameter\(s\).*weight"):
+        StepSizeMonitor(other.named_parameters(), optimizer)
+    with pytest.raises(ValueError, match="model_or_params holds 1 parameter"):
+        StepSizeMonitor([model.weight, other.bias], optimizer)
+    with pytest.raises(ValueError, match="model_or_params has no parameter"):
+        StepSizeMonitor(other, optimizer)
+    exhausted = model.parameters()
+    list(exhausted)
+    with pytest.raises(ValueError, match="exhausted generator"):
+        StepSizeMonitor(exhausted, optimizer)
 
 
 def test_bad_arguments() -> None:

@@ -84,6 +84,7 @@ def kernel_step_inputs(weights: list[torch.Tensor], generator: torch.Generator,
     return grads, to_device(grads), rows
 
 
+@pytest.mark.slow  # Triton interpreter: ~1 min each on a busy 2-core machine
 @pytest.mark.parametrize("annotation", ["auto", "channel", "layer"])
 @pytest.mark.parametrize("nesterov", [False, True])
 def test_adamp_kernels_branches_and_maths(nesterov: bool, annotation: str) -> None:
@@ -111,6 +112,7 @@ def test_adamp_kernels_branches_and_maths(nesterov: bool, annotation: str) -> No
         assert_round_off_close(w.cpu(), w_reference, STEPS)
 
 
+@pytest.mark.slow  # Triton interpreter: ~1 min each on a busy 2-core machine
 @pytest.mark.parametrize("annotation", ["auto", "channel"])
 @pytest.mark.parametrize(("nesterov", "project_buffer"), [(False, False), (True, False),
                                                            (False, True)])
@@ -182,6 +184,7 @@ def test_step_counters_that_differ_within_a_group(monkeypatch) -> None:
         assert_round_off_close(w_fused.cpu(), w_single, STEPS + 2)
 
 
+@pytest.mark.slow  # Triton interpreter: ~1 min each on a busy 2-core machine
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
 @pytest.mark.parametrize("optimizer", ["adamp", "sgdp"])
 def test_half_precision_follows_float32(optimizer: str, dtype: torch.dtype,

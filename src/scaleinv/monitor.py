@@ -94,8 +94,9 @@ class StepSizeMonitor:
 
     Args:
         model_or_params: an ``nn.Module`` (names from ``named_parameters()``) or an iterable of
-            parameters or ``(name, parameter)`` pairs. Parameters the optimizer does not hold
-            are skipped.
+            parameters or ``(name, parameter)`` pairs. A module's parameters that the optimizer
+            does not hold (frozen ones) are skipped; an explicit parameter the optimizer does
+            not hold, or nothing to track at all, raises ``ValueError``.
         optimizer: any ``torch.optim.Optimizer``; its step hooks are used.
         every: record steps ``1, every + 1, 2 every + 1, ...`` (1-based optimizer steps).
         invariance: optional mapping ``name -> kind`` (e.g. from
@@ -123,9 +124,9 @@ class StepSizeMonitor:
         self.flush_every = _check_count("flush_every", flush_every)
         self.optimizer = optimizer
         kinds = {} if invariance is None else invariance
-        self._tracked = [
-            _Tracked(name, p, _kind_name(kinds.get(name))) for name, p in _named(model_or_params)
-        ]
+        named = _held(_named(model_or_params), optimizer,
+                      explicit=not isinstance(model_or_params, nn.Module))
+        self._tracked = [_Tracked(name, p, _kind_name(kinds.get(name))) for name, p in named]
         self._records: list[dict[str, Any]] = []
         self._pending: list[_PendingStep] = []
         self._snapshot: tuple[int, list[tuple[_Tracked, dict[str, Any]]], list[Tensor]] | None
@@ -236,7 +237,7 @@ class StepSizeMonitor:
         path = Path(path)
         with path.open("w") as f:
             for r in self.records:
-                f.write(json.dumps(r) + "\n")
+                f.write(json.dumps(_strict(r), allow_nan=False) + "\n")
         return path
 
     def close(self) -> None:
@@ -408,6 +409,26 @@ def _named(source: Any) -> list[tuple[str, Tensor]]:
     return named
 
 
+def _held(named: list[tuple[str, Tensor]], optimizer: Optimizer,
+          explicit: bool) -> list[tuple[str, Tensor]]:
+    """The parameters ``optimizer`` holds; refuses explicit ones it does not, and nothing."""
+    held_ids = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    held = [(name, p) for name, p in named if id(p) in held_ids]
+    foreign = [name for name, p in named if id(p) not in held_ids]
+    if explicit and foreign:
+        listed = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        raise ValueError(
+            f"model_or_params holds {len(foreign)} parameter(s) that the optimizer does not "
+            f"update ({listed}); pass the parameters given to the optimizer"
+        )
+    if not held:
+        raise ValueError(
+            "model_or_params has no parameter that the optimizer updates (an exhausted "
+            "generator, or another model's parameters?)"
+        )
+    return held
+
+
 def _resolve_writer(writer: Any) -> tuple[Any, bool]:
     if writer is None:
         return None, False
@@ -430,6 +451,12 @@ def _resolve_writer(writer: Any) -> tuple[Any, bool]:
 # -- reading logs back -------------------------------------------------------------------------
 
 
+def _strict(record: Mapping[str, Any]) -> dict[str, Any]:
+    """The record with NaN and infinities as ``None`` (strict JSON ``null``)."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v
+            for k, v in record.items()}
+
+
 def load_records(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """Read records written by :meth:`StepSizeMonitor.to_csv` (``.csv``) or
     :meth:`StepSizeMonitor.to_jsonl` (any other suffix)."""
@@ -438,7 +465,12 @@ def load_records(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
         with path.open(newline="") as f:
             return [_parse_csv_row(row) for row in csv.DictReader(f)]
     with path.open() as f:
-        return [json.loads(line) for line in f if line.strip()]
+        records = [json.loads(line) for line in f if line.strip()]
+    for record in records:  # strict JSON stores NaN and infinities as null
+        for key in _FLOAT_KEYS:
+            if record.get(key, 0.0) is None:
+                record[key] = math.nan
+    return records
 
 
 def _parse_csv_row(row: Mapping[str, str]) -> dict[str, Any]:

@@ -13,6 +13,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+try:
+    import matplotlib  # noqa: F401 - imported here only to fail early with a clear message
+except ImportError as error:  # ModuleNotFoundError, or a module hidden as None
+    raise ImportError(
+        "scaleinv.plots needs matplotlib, from the 'experiments' extra: "
+        "pip install 'scaleinv[experiments]'"
+    ) from error
+
 from scaleinv.monitor import load_records
 
 __all__ = ["norm_and_step_curves", "plot_norms_and_steps"]
@@ -46,10 +54,11 @@ def norm_and_step_curves(
 ) -> tuple[list[int], list[float], list[float]]:
     """Per recorded step: ``(steps, norm_ratio, effective_step)``.
 
-    ``norm_ratio_t = sqrt(sum_w |w_t|^2) / sqrt(sum_w |w_0|^2)`` over the selected tensors
-    (``|w_0|`` before the first recorded step); ``effective_step_t`` is the mean of
-    ``|dw| / |w|`` over them. ``kinds`` selects tensors by kind; by default the scale-invariant
-    ones (``"channel"``, ``"layer"``), or all where the log has none.
+    ``norm_ratio_t`` is the mean over the selected tensors of ``|w_t| / |w_0|`` (``|w_0|``
+    before the first recorded step; the definition of ``scaleinv compare``'s tables);
+    ``effective_step_t`` is the mean of ``|dw| / |w|`` over them. ``kinds`` selects tensors
+    by kind; by default the scale-invariant ones (``"channel"``, ``"layer"``), or all where
+    the log has none.
     """
     chosen = _selected(records, kinds)
     initial: dict[str, float] = {}
@@ -58,16 +67,15 @@ def norm_and_step_curves(
     for r in chosen:
         by_step[int(r["step"])].append(r)
         initial.setdefault(r["name"], r["weight_norm"] - r["norm_change"])
-    start = math.sqrt(sum(v * v for v in initial.values()))
     steps, ratios, effective = [], [], []
     for step in sorted(by_step):
         rows = by_step[step]
         for r in rows:
             current[r["name"]] = r["weight_norm"]
-        norm = math.sqrt(sum(v * v for v in current.values()))
+        per_tensor = [current[n] / initial[n] for n in current if initial[n] > 0]
         finite = [r["effective_step"] for r in rows if math.isfinite(r["effective_step"])]
         steps.append(step)
-        ratios.append(norm / start if start > 0 else math.nan)
+        ratios.append(sum(per_tensor) / len(per_tensor) if per_tensor else math.nan)
         effective.append(sum(finite) / len(finite) if finite else math.nan)
     return steps, ratios, effective
 
@@ -79,6 +87,7 @@ def plot_norms_and_steps(
     kinds: Iterable[str] | None = None,
     title: str | None = None,
     dpi: int = 120,
+    styles: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Path:
     """Weight-norm growth and effective step size over steps, one line per optimizer.
 
@@ -87,6 +96,8 @@ def plot_norms_and_steps(
         path: where to write the figure (the format follows the suffix, e.g. ``.png``).
         kinds: which tensors to aggregate (default: the scale-invariant ones).
         title: figure title.
+        dpi: resolution of the saved figure.
+        styles: optional matplotlib line keywords per label (colour, line style, marker).
 
     Returns:
         ``path`` as a :class:`~pathlib.Path`.
@@ -97,23 +108,27 @@ def plot_norms_and_steps(
     if not isinstance(logs, Mapping) or not logs:
         raise ValueError("logs must be a non-empty mapping {label: records or path}")
     kinds = None if kinds is None else tuple(kinds)
-    figure = Figure(figsize=(10, 4), dpi=dpi)
+    figure = Figure(figsize=(11, 4.5), dpi=dpi, layout="constrained")
     FigureCanvasAgg(figure)
     norm_axis, step_axis = figure.subplots(1, 2)
     for label, log in logs.items():
         steps, ratios, effective = norm_and_step_curves(_as_records(log), kinds)
-        norm_axis.plot(steps, ratios, label=label)
-        step_axis.plot(steps, effective, label=label)
-    norm_axis.set(xlabel="step", ylabel="|w_t| / |w_0|", title="weight norm")
-    step_axis.set(xlabel="step", ylabel="|dw| / |w|", title="effective step size")
+        line = {"label": label, "lw": 1.4, **(styles or {}).get(label, {})}
+        line["markevery"] = max(1, len(steps) // 10)
+        norm_axis.plot(steps, ratios, **line)
+        step_axis.plot(steps, effective, **line)
+    norm_axis.set(xlabel="optimizer step", ylabel="mean over tensors of |w_t| / |w_0|",
+                  title="weight-norm growth")
+    step_axis.set(xlabel="optimizer step", ylabel="mean over tensors of |Δw| / |w|",
+                  title="effective step size")
     if any(v > 0 for line in step_axis.get_lines() for v in line.get_ydata() if v == v):
         step_axis.set_yscale("log")
+        step_axis.set_ylabel("mean over tensors of |Δw| / |w| (log)")
     for axis in (norm_axis, step_axis):
         axis.grid(True, alpha=0.3)
-        axis.legend()
+        axis.legend(fontsize=9)
     if title:
-        figure.suptitle(title)
-    figure.tight_layout()
+        figure.suptitle(title, fontsize=11)
     path = Path(path)
-    figure.savefig(path)
+    figure.savefig(path, dpi=dpi)
     return path

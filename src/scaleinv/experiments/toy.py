@@ -119,33 +119,48 @@ def toy_table(runs: list[ToyRun]) -> str:
     return "\n".join(lines) + "\n"
 
 
+ANGLE_FLOOR_DEGREES = 1e-3
+"""The angle panel is logarithmic: angles below this value are drawn at it."""
+
+
 def plot_toy(runs: list[ToyRun], path: Path, plane_limit: float = 3.0) -> None:
     """Trajectories in the plane (clipped to ``|x|, |y| <= plane_limit``), the angle to the
-    target and the norm, against steps."""
+    target (drawn at :data:`ANGLE_FLOOR_DEGREES` when below it) and the norm, against steps."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(13, 4), layout="constrained")
+    figure = Figure(figsize=(14, 5), layout="constrained")
+    FigureCanvasAgg(figure)
     plane, angles, norms = figure.subplots(1, 3)
     circle = np.linspace(0, 2 * np.pi, 200)
-    plane.plot(np.cos(circle), np.sin(circle), color="0.8", lw=1)
-    plane.plot([0, plane_limit], [0, 0], color="k", lw=0.8, ls=":", label="target direction")
-    for run in runs:
-        style = "--" if run.momentum > 0 and not run.projected else "-"
-        plane.plot(run.trajectory[:, 0], run.trajectory[:, 1], style, lw=1.2, label=run.label)
-        angles.plot(np.maximum(run.angles, 1e-3), style, lw=1.2, label=run.label)
-        norms.plot(run.norms, style, lw=1.2, label=run.label)
+    plane.plot(np.cos(circle), np.sin(circle), color="0.8", lw=1, label="|w| = 1")
+    plane.plot([0, plane_limit], [0, 0], color="k", lw=0.8, ls=":", label="target direction w*")
+    markers = ["o", "v", "^", "s", "D"]
+    for run, marker in zip(runs, markers * len(runs), strict=False):
+        style = {"ls": "--" if run.momentum > 0 and not run.projected else "-", "lw": 1.5,
+                 "marker": marker, "ms": 4, "markevery": max(1, len(run.norms) // 10),
+                 "label": run.label}
+        plane.plot(run.trajectory[:, 0], run.trajectory[:, 1], **style)
+        angles.plot(np.maximum(run.angles, ANGLE_FLOOR_DEGREES), **style)
+        norms.plot(run.norms, **style)
     plane.set_xlim(-plane_limit, plane_limit)
     plane.set_ylim(-plane_limit, plane_limit)
     plane.set_aspect("equal")
-    plane.set_title("trajectories of w (clipped)", fontsize=10)
+    plane.set(xlabel="w[0]", ylabel="w[1]")
+    plane.set_title(f"trajectories of w (clipped to ±{plane_limit:g})", fontsize=11)
     angles.set_yscale("log")
-    angles.set_ylabel("angle to w* (deg)")
-    angles.set_title("convergence", fontsize=10)
+    angles.set_ylabel(f"angle to w* (degrees, log; floored at {ANGLE_FLOOR_DEGREES:g})")
+    angles.axhline(CONVERGED_DEGREES, color="0.5", lw=0.8)
+    angles.set_title(f"convergence (grey line: {CONVERGED_DEGREES:g} degree)", fontsize=11)
     norms.set_yscale("log")
-    norms.set_ylabel("|w|")
-    norms.set_title("weight norm", fontsize=10)
+    norms.set_ylabel("|w| (log)")
+    norms.set_title("weight norm", fontsize=11)
     for ax in (angles, norms):
         ax.set_xlabel("step")
+    for ax in (plane, angles, norms):
         ax.grid(alpha=0.3)
-    norms.legend(fontsize=7)
-    figure.savefig(path, dpi=72)
+    norms.legend(fontsize=9)
+    plane.legend(handles=plane.get_lines()[:2], fontsize=9, loc="lower left")
+    figure.suptitle("Toy: L(w) = -cos(w, w*), w* = (1, 0), |w_0| = 1; SGD and SGDP in float64",
+                    fontsize=12)
+    figure.savefig(path, dpi=110)

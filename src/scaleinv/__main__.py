@@ -1,0 +1,5 @@
+"""``python -m scaleinv``: the ``scaleinv`` command."""
+
+from scaleinv.cli import main
+
+main()
