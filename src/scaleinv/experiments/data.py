@@ -1,4 +1,4 @@
-"""Offline data sets for the experiments (DESIGN.md section 4).
+"""Offline data sets for the experiments (docs/experiments.md).
 
 Every loader reads data that a registry package ships or generates locally; nothing is downloaded
 at run time. Splits are fixed (they do not depend on the training seed), so every optimizer and
