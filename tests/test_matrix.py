@@ -456,3 +456,37 @@ def test_matrix_covers_every_backend_this_machine_runs() -> None:
     names = available(torch.float32)
     assert {"reference", "foreach", "eager", "compiled"} <= set(names)
     assert "triton" not in available(torch.float64)
+
+
+@pytest.mark.parametrize(("info", "backend", "dtype", "float32_state"), grid(
+    ("AdamP", "SGDP", "SGDP-project_momentum"), ["float16", "bfloat16"], [True, False],
+    fast=_edge_fast((True,))))
+def test_16bit_params_with_default_eps(info: OptimInfo, backend: str, dtype: torch.dtype,
+                                       float32_state: bool,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pure 16-bit params with the default ``eps=1e-8`` and small gradients (second moments
+    below float16's range): with float32 state (the default) every body stays finite and
+    follows the float64 reference; in float16 state AdamP's ``m / (sqrt(v) + eps)`` is 0/0,
+    as in ``torch.optim.Adam`` (the reason for the default)."""
+    use_backend(monkeypatch, backend)
+    specs = [Spec((6, 4, 3, 3)), Spec((6,)), Spec((5, 8))]
+    params = make_params(specs, torch.float32, seed=3)
+    params = [p.detach().to(dtype).requires_grad_(True) for p in params]
+    reference = info.reference(params, info.hyperparameters(eps=1e-8), "auto")
+    optimizer = info.ours(groups_for(params, "auto"), {**info.hyperparameters(eps=1e-8),
+                                                       "float32_state": float32_state})
+    generator = torch.Generator().manual_seed(4)
+    for _ in range(8):
+        grads = [(torch.randn(p.shape, generator=generator) * 1e-5).to(dtype) for p in params]
+        install_grads(params, grads)
+        optimizer.step()
+        reference.step(grads)
+    states = [v for s in optimizer.state.values() for k, v in s.items() if k != "step"]
+    assert {v.dtype for v in states} == {torch.float32 if float32_state else dtype}
+    finite = all(bool(p.isfinite().all()) for p in params)
+    if float32_state:
+        assert finite
+        for p, expected in zip(params, reference.params, strict=True):
+            assert_dtype_close(p, expected, 8, dtype, scale=expected.abs().max().item())
+    elif dtype == torch.float16 and info.family == "adam" and backend == "reference":
+        assert not finite  # the failure float32 state prevents (as in torch.optim.Adam)

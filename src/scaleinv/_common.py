@@ -73,6 +73,22 @@ def nonempty(*tensorlists: list[Tensor]) -> list[list[Tensor]]:
     return [[ts[i] for i in keep] for ts in tensorlists]
 
 
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def state_dtype(p: Tensor, group: dict[str, Any]) -> torch.dtype:
+    """The dtype of ``p``'s moments or momentum buffer: float32 for a 16-bit ``p`` in a group
+    with ``float32_state`` (the default), else ``p``'s own."""
+    if p.dtype in HALF_DTYPES and group.get("float32_state", True):
+        return torch.float32
+    return p.dtype
+
+
+def new_state(p: Tensor, group: dict[str, Any]) -> Tensor:
+    """A zero state tensor for ``p``: laid out like it, in :func:`state_dtype`."""
+    return torch.zeros_like(p, dtype=state_dtype(p, group), memory_format=torch.preserve_format)
+
+
 def check_grad(p: Tensor, optimizer: str) -> None:
     if p.grad is not None and p.grad.is_sparse:
         raise RuntimeError(f"{optimizer} does not support sparse gradients")
@@ -160,6 +176,22 @@ class ScaleInvariantOptimizer(Optimizer):
             for group in merged["param_groups"]:
                 self.check_hyperparameters(group)
         super().load_state_dict(merged)
+        self._restore_state_dtypes(merged)
+
+    def _restore_state_dtypes(self, state_dict: dict[str, Any]) -> None:
+        """``torch.optim`` casts loaded state to each param's dtype; float32 state of 16-bit
+        params is put back from the checkpoint's own tensors, unrounded."""
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        groups = [g for g in self.param_groups for _ in g["params"]]
+        for saved_id, p, group in zip(saved_ids, params, groups, strict=True):
+            saved = state_dict["state"].get(saved_id)
+            dtype = state_dtype(p, group)
+            if saved is None or dtype == p.dtype:
+                continue
+            for key, value in saved.items():
+                if key != "step" and torch.is_tensor(value) and value.is_floating_point():
+                    self.state[p][key] = value.to(device=p.device, dtype=dtype, copy=True)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)

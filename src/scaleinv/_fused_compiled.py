@@ -31,7 +31,7 @@ def _adamp_tensor(
 ) -> None:
     """One AdamP step of one ``[n, d]`` tensor; ``nesterov`` is 1.0 or 0.0 (a number, so that
     it does not multiply compilations)."""
-    g = g * sign
+    g = g.to(m.dtype) * sign  # in the state's dtype (float32 for 16-bit params)
     m_new = m * beta1 + g * (1 - beta1)
     v_new = v * beta2 + g * g * (1 - beta2)
     numerator = m_new * (1 - nesterov + nesterov * beta1) + g * (nesterov * (1 - beta1))
@@ -51,7 +51,7 @@ def _sgdp_tensor(
     scale_invariant: ScaleInvariant, project_buffer: bool,
 ) -> None:
     """One SGDP step of one ``[n, d]`` tensor (``nesterov`` as in :func:`_adamp_tensor`)."""
-    g = g * sign
+    g = g.to(b.dtype) * sign  # in the state's dtype (float32 for 16-bit params)
     b_new = b * momentum + g * (1 - dampening)
     p = g * nesterov + b_new * (1 - nesterov + nesterov * momentum)
     (coef,), (projected,) = radial_coefficients(

@@ -154,9 +154,9 @@ def _scalars(scalars, table, K, t, step_size, rsqrt, decay_plain, decay_projecte
 
 
 @triton.jit
-def _row(table, meta, row_tensor, r, K, DTYPE: tl.constexpr):
+def _row(table, meta, row_tensor, r, K, DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr):
     """Tensor ``t`` of global row ``r``, the row's start and length, the tensor's mode, and
-    pointers to the row in ``w``, ``g`` and the two states."""
+    pointers to the row in ``w``, ``g`` (``DTYPE``) and the two states (``STATE_DTYPE``)."""
     t = tl.load(row_tensor + r)
     numel = tl.load(meta + _K_META * t)
     row_len = tl.load(meta + _K_META * t + 1)
@@ -167,8 +167,9 @@ def _row(table, meta, row_tensor, r, K, DTYPE: tl.constexpr):
     kind = tl.pointer_type(DTYPE)
     w = tl.load(table + t).to(kind) + start
     g = tl.load(table + K + t).to(kind) + start
-    a = tl.load(table + 2 * K + t).to(kind) + start
-    b = tl.load(table + 3 * K + t).to(kind) + start
+    state_kind = tl.pointer_type(STATE_DTYPE)
+    a = tl.load(table + 2 * K + t).to(state_kind) + start
+    b = tl.load(table + 3 * K + t).to(state_kind) + start
     return t, mode, length, w, g, a, b
 
 
@@ -181,13 +182,15 @@ def _first_pass(
     table, meta, row_tensor, rows, stats, scalars, K,
     c1, c2, eps, sign, step_size, rsqrt, decay_plain, decay_projected,
     b1_hi, b1_lo, b2_hi, b2_lo,
-    DTYPE: tl.constexpr, IS_ADAM: tl.constexpr, NESTEROV: tl.constexpr,
+    DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr, IS_ADAM: tl.constexpr,
+    NESTEROV: tl.constexpr,
     SOURCE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Never-projected rows: the whole step. Other rows: new state, and the row's sums
     ``(|g|^2, <g, w>, |w|^2, <w, p>)`` into ``stats[r]``."""
     r = tl.load(rows + tl.program_id(0))
-    t, mode, length, w_ptr, g_ptr, a_ptr, b_ptr = _row(table, meta, row_tensor, r, K, DTYPE)
+    t, mode, length, w_ptr, g_ptr, a_ptr, b_ptr = _row(
+        table, meta, row_tensor, r, K, DTYPE, STATE_DTYPE)
     step_size, rsqrt, decay_plain, decay_projected = _scalars(
         scalars, table, K, t, step_size, rsqrt, decay_plain, decay_projected, b1_hi, b1_lo,
         b2_hi, b2_lo, SOURCE)
@@ -204,9 +207,9 @@ def _first_pass(
         if IS_ADAM:
             b = tl.load(b_ptr + start + offsets, mask=mask, other=0.0).to(tl.float32)
         a, b = _new_state(g, a, b, c1, c2, IS_ADAM)
-        tl.store(a_ptr + start + offsets, a.to(DTYPE), mask=mask)
+        tl.store(a_ptr + start + offsets, a.to(STATE_DTYPE), mask=mask)
         if IS_ADAM:
-            tl.store(b_ptr + start + offsets, b.to(DTYPE), mask=mask)
+            tl.store(b_ptr + start + offsets, b.to(STATE_DTYPE), mask=mask)
         p = _direction(g, a, b, c1, rsqrt, eps, IS_ADAM, NESTEROV)
         w = tl.load(w_ptr + start + offsets, mask=mask, other=0.0).to(tl.float32)
         if mode == _K_PLAIN:
@@ -296,13 +299,15 @@ def _second_pass(
     table, meta, row_tensor, rows, stats, views, scalars, K,
     c1, eps, sign, step_size, rsqrt, decay_plain, decay_projected,
     b1_hi, b1_lo, b2_hi, b2_lo,
-    DTYPE: tl.constexpr, IS_ADAM: tl.constexpr, NESTEROV: tl.constexpr,
+    DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr, IS_ADAM: tl.constexpr,
+    NESTEROV: tl.constexpr,
     SOURCE: tl.constexpr, PROJECT_BUFFER: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """The weight of a row whose tensor took the test: ``w <- w (decay + lr s) - lr p`` with
     ``p`` recomputed from the new state and ``s`` the view's coefficient (0: no view)."""
     r = tl.load(rows + tl.program_id(0))
-    t, mode, length, w_ptr, g_ptr, a_ptr, b_ptr = _row(table, meta, row_tensor, r, K, DTYPE)
+    t, mode, length, w_ptr, g_ptr, a_ptr, b_ptr = _row(
+        table, meta, row_tensor, r, K, DTYPE, STATE_DTYPE)
     step_size, rsqrt, decay_plain, decay_projected = _scalars(
         scalars, table, K, t, step_size, rsqrt, decay_plain, decay_projected, b1_hi, b1_lo,
         b2_hi, b2_lo, SOURCE)
@@ -324,7 +329,7 @@ def _second_pass(
         p = _direction(g, a, b, c1, rsqrt, eps, IS_ADAM, NESTEROV)
         w = tl.load(w_ptr + start + offsets, mask=mask, other=0.0).to(tl.float32)
         if PROJECT_BUFFER:
-            tl.store(a_ptr + start + offsets, (p - w * s).to(DTYPE), mask=mask)
+            tl.store(a_ptr + start + offsets, (p - w * s).to(STATE_DTYPE), mask=mask)
         tl.store(w_ptr + start + offsets, (w * (decay + step_size * s) - step_size * p).to(DTYPE),
                  mask=mask)
 
@@ -477,7 +482,8 @@ def _launch(
                            device)
     stats = torch.empty((plan.n_rows, 4), dtype=torch.float32, device=device)
     views = torch.empty((len(params), 2), dtype=torch.float32, device=device)
-    common = dict(DTYPE=_DTYPES[params[0].dtype], IS_ADAM=is_adam, NESTEROV=nesterov,
+    common = dict(DTYPE=_DTYPES[params[0].dtype], STATE_DTYPE=_DTYPES[states_a[0].dtype],
+                  IS_ADAM=is_adam, NESTEROV=nesterov,
                   SOURCE=source)
     scalar_table = scalars if scalars is not None else stats  # read only FROM_TABLE
     K = len(params)

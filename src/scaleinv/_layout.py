@@ -93,10 +93,11 @@ def unviewed(t: Tensor) -> Tensor:
 def row_views(w: Tensor, grad: Tensor, states: list[Tensor], *,
               alias: bool = True) -> list[Tensor] | None:
     """``[w, grad, *states]`` as ``[n, d]`` tensors in ``w``'s memory order, or ``None``. A
-    gradient laid out otherwise is copied; the states must be laid out like ``w``. ``alias``:
+    gradient laid out otherwise is copied; the states must be laid out like ``w``, in one
+    dtype (float32 state of a 16-bit ``w`` included). ``alias``:
     the views as fresh tensors on the same memory (see :func:`unviewed`); ``False`` to only
     check the layout (traceable)."""
-    if w.numel() == 0 or any(t.dtype != w.dtype for t in (grad, *states)):
+    if w.numel() == 0 or grad.dtype != w.dtype or len({t.dtype for t in states}) > 1:
         return None
     order = row_order(w)
     views = [rows(t, order) for t in (w, *states)]
@@ -122,15 +123,19 @@ def split_triton(
     row shards go in one launch per process group, as their local tensors; other DTensors are
     left to the multi-tensor body."""
     columns: list[list[Tensor]] = [params, grads, *states]
+    state_dtype = states[0][0].dtype  # one per launch: the group's params share a dtype
     if (all(all(map(Tensor.is_contiguous, column)) for column in columns)
-            and all(map(Tensor.numel, params)) and not any(map(is_dtensor, params))):
+            and all(map(Tensor.numel, params)) and not any(map(is_dtensor, params))
+            and all(s.dtype == state_dtype for column in states for s in column)):
         return [(list(range(len(params))), columns, None)], []
     launches: dict[Any, tuple[list[int], list[list[Tensor]], list[torch.Size]]] = {}
     left: list[int] = []
     for i, tensors in enumerate(zip(*columns, strict=True)):
         w, g, *tensor_states = tensors
         group = row_shard_group(w)
-        if group is not None:  # every rank takes it, so the partials line up across ranks
+        if any(t.dtype != state_dtype for t in tensor_states):
+            rows = None
+        elif group is not None:  # every rank takes it, so the partials line up across ranks
             rows = local_rows(tensors)
         elif is_dtensor(w):
             rows = None

@@ -15,6 +15,7 @@ from scaleinv._common import (
     ScaleInvariantOptimizer,
     as_step_counter,
     check_number,
+    new_state,
     new_step_counter,
     nonempty,
     step_value,
@@ -68,16 +69,21 @@ class AdamP(ScaleInvariantOptimizer):
         capturable: keep step counters on the device so a step can be captured in a CUDA graph.
         fused: the fused path (:mod:`scaleinv.fused`: Triton kernels on CUDA, C kernels on CPU,
             compiled kernels elsewhere). ``None``: fused for CUDA params where Triton is
-            installed, unless ``foreach`` is given or the step is compiled; else ``False``.
+            installed, unless ``foreach`` is given; else ``False``. The kernels are custom
+            operators, so ``torch.compile(optimizer.step)`` runs them too.
             Not with ``foreach=True``.
         scale_invariant: ``"auto"`` (cosine test), ``"channel"``, ``"layer"`` or ``False``.
         allow_flat_params: step flat 1-D shards (FSDP1, DeepSpeed ZeRO) without projection, with
             a warning, instead of refusing them; see ``docs/distributed.md``.
+        float32_state: keep the state of float16/bfloat16 params in float32 (default): pure
+            16-bit training then stays finite with the default ``eps`` (in 16 bits ``eps=1e-8``
+            and small second moments underflow to 0, and ``m / (sqrt(v) + eps)`` becomes
+            0/0), at 4 more bytes per element (2 moments). ``False``: state in the param's dtype.
     """
 
     option_defaults: dict[str, Any] = dict(
         maximize=False, foreach=None, capturable=False, fused=None, scale_invariant="auto",
-        allow_flat_params=False,
+        allow_flat_params=False, float32_state=True,
     )
 
     def __init__(
@@ -97,12 +103,14 @@ class AdamP(ScaleInvariantOptimizer):
         scale_invariant: ScaleInvariant = "auto",
         allow_flat_params: bool = False,
         fused: bool | None = None,
+        float32_state: bool = True,
     ) -> None:
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, delta=delta,
             wd_ratio=wd_ratio, nesterov=nesterov, maximize=maximize, foreach=foreach,
             capturable=capturable, scale_invariant=scale_invariant,
             allow_flat_params=allow_flat_params, fused=fused,
+            float32_state=float32_state,
         )
         self.check_hyperparameters(defaults)
         super().__init__(params, defaults)
@@ -121,6 +129,8 @@ class AdamP(ScaleInvariantOptimizer):
         check_number("delta", options["delta"], low=0.0, low_open=True)
         check_number("wd_ratio", options["wd_ratio"], low=0.0, high=1.0, high_open=False)
         validate_scale_invariant(options["scale_invariant"])
+        if not isinstance(options.get("float32_state", True), bool):
+            raise TypeError(f"Invalid float32_state: {options['float32_state']!r}; expected a bool")
         if options["capturable"] and options["foreach"] is False:
             raise ValueError(
                 "capturable=True needs the sync-free multi-tensor body: pass foreach=True or None"
@@ -147,8 +157,8 @@ class AdamP(ScaleInvariantOptimizer):
             state = self.state[p]
             if len(state) == 0:
                 state["step"] = new_step_counter(p, _step_on_device(group, p))
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg"] = new_state(p, group)
+                state["exp_avg_sq"] = new_state(p, group)
             params.append(p)
             grads.append(p.grad)
             exp_avgs.append(state["exp_avg"])

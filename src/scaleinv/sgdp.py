@@ -10,7 +10,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.optimizer import required
 
-from scaleinv._common import ScaleInvariantOptimizer, check_number, nonempty
+from scaleinv._common import ScaleInvariantOptimizer, check_number, new_state, nonempty
 from scaleinv.fused import fused_sgdp
 from scaleinv.projection import (
     ScaleInvariant,
@@ -54,16 +54,21 @@ class SGDP(ScaleInvariantOptimizer):
         foreach: multi-tensor, sync-free body; ``None`` picks like ``torch.optim``.
         fused: the fused path (:mod:`scaleinv.fused`: Triton kernels on CUDA, C kernels on CPU,
             compiled kernels elsewhere). ``None``: fused for CUDA params where Triton is
-            installed, unless ``foreach`` is given or the step is compiled; else ``False``.
+            installed, unless ``foreach`` is given; else ``False``. The kernels are custom
+            operators, so ``torch.compile(optimizer.step)`` runs them too.
             Not with ``foreach=True``.
         scale_invariant: ``"auto"`` (cosine test), ``"channel"``, ``"layer"`` or ``False``.
         allow_flat_params: step flat 1-D shards (FSDP1, DeepSpeed ZeRO) without projection, with
             a warning, instead of refusing them; see ``docs/distributed.md``.
+        float32_state: keep the state of float16/bfloat16 params in float32 (default): pure
+            16-bit training then stays finite with the default ``eps`` (in 16 bits ``eps=1e-8``
+            and small second moments underflow to 0, and ``m / (sqrt(v) + eps)`` becomes
+            0/0), at 4 more bytes per element (1 buffer). ``False``: state in the param's dtype.
     """
 
     option_defaults: dict[str, Any] = dict(
         project_momentum=False, maximize=False, foreach=None, fused=None,
-        scale_invariant="auto", allow_flat_params=False,
+        scale_invariant="auto", allow_flat_params=False, float32_state=True,
     )
 
     def __init__(
@@ -84,12 +89,14 @@ class SGDP(ScaleInvariantOptimizer):
         scale_invariant: ScaleInvariant = "auto",
         allow_flat_params: bool = False,
         fused: bool | None = None,
+        float32_state: bool = True,
     ) -> None:
         defaults = dict(
             lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
             nesterov=nesterov, eps=eps, delta=delta, wd_ratio=wd_ratio,
             project_momentum=project_momentum, maximize=maximize, foreach=foreach,
             scale_invariant=scale_invariant, allow_flat_params=allow_flat_params, fused=fused,
+            float32_state=float32_state,
         )
         self.check_hyperparameters(defaults)
         super().__init__(params, defaults)
@@ -109,6 +116,8 @@ class SGDP(ScaleInvariantOptimizer):
         if options["nesterov"] and momentum != 0 and dampening != 0:
             raise ValueError("Nesterov momentum requires zero dampening")
         validate_scale_invariant(options["scale_invariant"])
+        if not isinstance(options.get("float32_state", True), bool):
+            raise TypeError(f"Invalid float32_state: {options['float32_state']!r}; expected a bool")
         if options["fused"] and options["foreach"]:
             raise ValueError("fused=True and foreach=True cannot be used together")
 
@@ -129,7 +138,7 @@ class SGDP(ScaleInvariantOptimizer):
                     continue
                 state = self.state[p]
                 if len(state) == 0:
-                    state["momentum"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["momentum"] = new_state(p, group)
                 params.append(p)
                 grads.append(p.grad)
                 buffers.append(state["momentum"])
