@@ -54,6 +54,7 @@ def interpreter_chunks(monkeypatch) -> None:
 TRITON_WHERE_IT_CAN = "triton,eager"  # SCALEINV_BACKEND: the first that runs per dtype
 
 
+@pytest.mark.slow  # 75 s in the interpreter; tests/test_matrix.py covers Triton by default
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                     reason="CPU layouts, for the interpreter; on CUDA see tests/test_gpu.py")
 @pytest.mark.parametrize("optimizer", ["adamp", "sgdp"])
