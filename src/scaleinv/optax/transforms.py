@@ -204,8 +204,8 @@ def scale_by_sgdp(
     check_number("momentum", momentum, low=0.0, high=1.0)
     check_number("dampening", dampening, low=0.0, high=1.0, high_open=False)
     _check_projection_options(delta, wd_ratio, eps, weight_decay, scale_invariant, channel_axis)
-    if nesterov and (not isinstance(momentum, numbers.Real) or momentum <= 0
-                     or not _is_zero(dampening)):
+    if nesterov and ((isinstance(momentum, numbers.Real) and momentum <= 0)
+                     or (isinstance(dampening, numbers.Real) and dampening != 0)):
         raise ValueError("Nesterov momentum requires a momentum > 0 and zero dampening")
     project_buffer = project_momentum and not nesterov
 
