@@ -45,14 +45,15 @@ def _is_value(x: object) -> bool:
 
 
 def check_option_value(name: str, value: object) -> None:
-    """Check one value of ``scale_invariant`` or ``channel_axis`` (a pytree is checked leafwise
-    when it is resolved against the params)."""
-    if callable(value) or not _is_value(value):
+    """Check a value or a pytree of values of ``scale_invariant`` or ``channel_axis`` (a
+    callable is checked on what it returns, when the params are known)."""
+    if callable(value) and not _is_value(value):
         return
-    if name == "scale_invariant":
-        validate_scale_invariant(value)
-    elif isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"Invalid channel_axis: expected an int, got {type(value).__name__}")
+    for leaf in jax.tree.leaves(value):
+        if name == "scale_invariant":
+            validate_scale_invariant(leaf)
+        elif isinstance(leaf, bool) or not isinstance(leaf, int):
+            raise TypeError(f"Invalid channel_axis: expected an int, got {type(leaf).__name__}")
 
 
 def per_leaf(name: str, option: object, params: Any, treedef: Any) -> list[Any]:
@@ -72,7 +73,5 @@ def per_leaf(name: str, option: object, params: Any, treedef: Any) -> list[Any]:
         ) from error
     for value in leaves:
         check_option_value(name, value)
-        if not _is_value(value):
-            raise TypeError(f"Invalid {name}: unexpected leaf {value!r} in the pytree")
     return leaves
 
