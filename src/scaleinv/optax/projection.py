@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 View = Literal["channel", "layer"]
 ScaleInvariant = Literal["auto", "channel", "layer"] | bool
@@ -102,8 +103,10 @@ def invariance_flags(
         return jnp.asarray(False), jnp.asarray(False)
     if w_sq is None:
         w_sq = _row_dot(w, w, channel_axis)
-    g_sq = _row_dot(g, g, channel_axis)
-    gw = _row_dot(g, w, channel_axis)
+    # The barrier keeps XLA from turning sum(row sums) back into a second pass over the array.
+    w_sq, g_sq, gw = lax.optimization_barrier(
+        (w_sq, _row_dot(g, g, channel_axis), _row_dot(g, w, channel_axis))
+    )
     w_norm, g_norm = jnp.sqrt(w_sq), jnp.sqrt(g_sq)
     channel_cos = jnp.abs(gw) / (jnp.maximum(g_norm, eps) * jnp.maximum(w_norm, eps))
     layer_cos = jnp.abs(jnp.sum(gw)) / (
@@ -125,8 +128,9 @@ def project_radial(
     ``s = <w, p> / (|w| + eps)^2`` for every row on the layer view, ``s = 0`` when neither view
     passes; ``projected`` is a 0-dim bool.
     """
-    w_sq = _row_dot(w, w, channel_axis)
-    wp = _row_dot(w, p, channel_axis)
+    w_sq, wp = lax.optimization_barrier(
+        (_row_dot(w, w, channel_axis), _row_dot(w, p, channel_axis))
+    )
     use_channel, use_layer = invariance_flags(
         w, g, scale_invariant=scale_invariant, channel_axis=channel_axis, delta=delta, eps=eps,
         w_sq=w_sq,

