@@ -1,8 +1,8 @@
 """Jitted optax step time of ``scaleinv.optax`` on real model shapes, as ratios to optax.
 
-For each shape set (ResNet-50: 161 arrays, 25.6M parameters; GPT-2 small: 148 arrays, 124M),
-in Flax layout (output channel last: the torch shapes of ``shapes.py`` with axis 0 moved to the
-end), this times one jitted ``update`` + ``apply_updates`` (params and state donated) of
+For each shape set (ResNet-50: 161 arrays, 25.6M parameters; GPT-2 small: 148 arrays, 124M)
+in Flax layout, this times one jitted ``update`` + ``apply_updates`` (params and state donated)
+of
 
 * ``scaleinv.optax.adamp`` against ``optax.adamw``;
 * ``scaleinv.optax.sgdp`` (momentum 0.9) against ``optax.sgd`` (momentum 0.9).
@@ -11,6 +11,11 @@ The branch of the cosine test does not change the work (both views are computed 
 is a ``jnp.where`` on the device), so the gradients are plain Gaussians. Every figure is a median
 over interleaved rounds (each optimizer in turn) and is reported as a ratio to its baseline
 measured in the same process. Runs without torch.
+
+Flax layout: the torch shapes of ``shapes.py`` with the output channel (axis 0) moved last,
+except GPT-2's token and position embeddings, which ``flax.linen.Embed`` stores as
+``[vocab, features]`` like torch: they keep their shape and get ``channel_axis=0``
+(``--transpose-embeddings`` moves their axis too).
 
     python benchmarks/optax_step.py                              # both shape sets, CPU
     python benchmarks/optax_step.py --shapes resnet50 --steps 20 --rounds 5 --out r.json
@@ -33,22 +38,27 @@ import optax
 import scaleinv.optax as sio
 from shapes import SHAPE_SETS
 
-PAIRS = {  # name: (ours, baseline)
-    "adamp": (lambda: sio.adamp(1e-3, weight_decay=1e-2),
-              lambda: optax.adamw(1e-3, weight_decay=1e-2)),
-    "sgdp": (lambda: sio.sgdp(1e-3, momentum=0.9, weight_decay=1e-4),
-             lambda: optax.sgd(1e-3, momentum=0.9)),
-}
+EMBEDDINGS = {"gpt2": (0, 1)}  # indices in shapes.py of the embedding tables
 
 
-def flax_layout(shape: tuple[int, ...]) -> tuple[int, ...]:
-    """A torch shape with its output channel (axis 0) moved last."""
-    return shape[1:] + shape[:1] if len(shape) >= 2 else shape
+def pairs(axes: list[int]) -> dict[str, tuple[Callable, Callable]]:
+    """name: (ours, baseline)."""
+    return {
+        "adamp": (lambda: sio.adamp(1e-3, weight_decay=1e-2, channel_axis=axes),
+                  lambda: optax.adamw(1e-3, weight_decay=1e-2)),
+        "sgdp": (lambda: sio.sgdp(1e-3, momentum=0.9, weight_decay=1e-4, channel_axis=axes),
+                 lambda: optax.sgd(1e-3, momentum=0.9)),
+    }
+
+
+def flax_layout(shape: tuple[int, ...], keep: bool) -> tuple[int, ...]:
+    """A torch shape with its output channel (axis 0) moved last, unless ``keep``."""
+    return shape[1:] + shape[:1] if len(shape) >= 2 and not keep else shape
 
 
 def make_arrays(shapes: list[tuple[int, ...]], seed: int) -> list[jax.Array]:
     rng = np.random.default_rng(seed)
-    return [jnp.asarray(rng.standard_normal(flax_layout(s), dtype=np.float32)) for s in shapes]
+    return [jnp.asarray(rng.standard_normal(s, dtype=np.float32)) for s in shapes]
 
 
 class Timed:
@@ -73,15 +83,19 @@ class Timed:
         return (time.perf_counter() - start) / steps
 
 
-def bench(shape_set: str, steps: int, rounds: int) -> dict[str, object]:
-    shapes = SHAPE_SETS[shape_set]()
+def bench(shape_set: str, steps: int, rounds: int, transpose_embeddings: bool
+          ) -> dict[str, object]:
+    keep = [] if transpose_embeddings else EMBEDDINGS.get(shape_set, ())
+    shapes = [flax_layout(s, i in keep) for i, s in enumerate(SHAPE_SETS[shape_set]())]
+    axes = [0 if i in keep else -1 for i in range(len(shapes))]
     params = make_arrays(shapes, seed=0)
     grads = make_arrays(shapes, seed=1)
     result: dict[str, object] = {
         "shapes": shape_set, "arrays": len(shapes),
         "parameters": int(sum(np.prod(s) for s in shapes)),
+        "embeddings_transposed": bool(transpose_embeddings and shape_set in EMBEDDINGS),
     }
-    for name, (ours, baseline) in PAIRS.items():
+    for name, (ours, baseline) in pairs(axes).items():
         timed = {name: Timed(ours(), params), f"optax-{name}-baseline": Timed(baseline(), params)}
         for t in timed.values():  # compile and warm up
             t.run(grads, 1)
@@ -102,13 +116,15 @@ def main() -> None:
     parser.add_argument("--shapes", default="resnet50,gpt2")
     parser.add_argument("--steps", type=int, default=5, help="steps per timed round")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--transpose-embeddings", action="store_true",
+                        help="store GPT-2's embeddings as [features, vocab], channel axis last")
     parser.add_argument("--out", help="write the results as JSON")
     args = parser.parse_args()
     print(f"jax {jax.__version__}, optax {optax.__version__}, {jax.devices()[0].platform} "
           f"({platform.processor() or platform.machine()}), {jax.device_count()} device(s)")
     results = []
     for shape_set in args.shapes.split(","):
-        r = bench(shape_set, args.steps, args.rounds)
+        r = bench(shape_set, args.steps, args.rounds, args.transpose_embeddings)
         results.append(r)
         print(f"{shape_set}: {r['arrays']} arrays, {r['parameters']:,} parameters")
         for name, baseline in (("adamp", "optax.adamw"), ("sgdp", "optax.sgd(momentum=0.9)")):

@@ -88,6 +88,12 @@ def _row_dot(a: jax.Array, b: jax.Array, channel_axis: int) -> jax.Array:
     return jnp.sum(a * b, axis=_other_axes(a.ndim, channel_axis), keepdims=True)
 
 
+def _total(row_sums: jax.Array) -> jax.Array:
+    """The sum of the row sums. Behind a barrier: XLA would otherwise merge the two reductions
+    into a second pass over the whole array."""
+    return jnp.sum(lax.optimization_barrier(row_sums))
+
+
 def invariance_flags(
     w: jax.Array, g: jax.Array, *, scale_invariant: ScaleInvariant, channel_axis: int,
     delta: Any, eps: Any, w_sq: jax.Array | None = None,
@@ -103,14 +109,12 @@ def invariance_flags(
         return jnp.asarray(False), jnp.asarray(False)
     if w_sq is None:
         w_sq = _row_dot(w, w, channel_axis)
-    # The barrier keeps XLA from turning sum(row sums) back into a second pass over the array.
-    w_sq, g_sq, gw = lax.optimization_barrier(
-        (w_sq, _row_dot(g, g, channel_axis), _row_dot(g, w, channel_axis))
-    )
+    g_sq = _row_dot(g, g, channel_axis)
+    gw = _row_dot(g, w, channel_axis)
     w_norm, g_norm = jnp.sqrt(w_sq), jnp.sqrt(g_sq)
     channel_cos = jnp.abs(gw) / (jnp.maximum(g_norm, eps) * jnp.maximum(w_norm, eps))
-    layer_cos = jnp.abs(jnp.sum(gw)) / (
-        jnp.maximum(jnp.sqrt(jnp.sum(g_sq)), eps) * jnp.maximum(jnp.sqrt(jnp.sum(w_sq)), eps)
+    layer_cos = jnp.abs(_total(gw)) / (
+        jnp.maximum(jnp.sqrt(_total(g_sq)), eps) * jnp.maximum(jnp.sqrt(_total(w_sq)), eps)
     )
     n = w.shape[channel_axis]
     use_channel = jnp.max(channel_cos) < delta / math.sqrt(w.size // n)
@@ -128,9 +132,8 @@ def project_radial(
     ``s = <w, p> / (|w| + eps)^2`` for every row on the layer view, ``s = 0`` when neither view
     passes; ``projected`` is a 0-dim bool.
     """
-    w_sq, wp = lax.optimization_barrier(
-        (_row_dot(w, w, channel_axis), _row_dot(w, p, channel_axis))
-    )
+    w_sq = _row_dot(w, w, channel_axis)
+    wp = _row_dot(w, p, channel_axis)
     use_channel, use_layer = invariance_flags(
         w, g, scale_invariant=scale_invariant, channel_axis=channel_axis, delta=delta, eps=eps,
         w_sq=w_sq,
@@ -139,6 +142,6 @@ def project_radial(
     if scale_invariant == "channel":
         s = channel_s
     else:
-        layer_s = jnp.sum(wp) / jnp.square(jnp.sqrt(jnp.sum(w_sq)) + eps)
+        layer_s = _total(wp) / jnp.square(jnp.sqrt(_total(w_sq)) + eps)
         s = jnp.where(use_channel, channel_s, jnp.where(use_layer, layer_s, jnp.zeros_like(wp)))
     return p - w * s, use_channel | use_layer
