@@ -225,7 +225,7 @@ def test_sgdp_equals_torch(layout: str, hp, seed: int) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", ["first", "last", "mixed"])
-@settings(max_examples=15)
+@settings(max_examples=6)
 @given(shapes=layout_shapes(), hp=adamp_hyperparameters, seed=st.integers(0, 2**16),
        data=st.data())
 def test_adamp_equals_torch_any_shapes(layout: str, shapes, hp, seed: int, data) -> None:
@@ -239,7 +239,7 @@ def test_adamp_equals_torch_any_shapes(layout: str, shapes, hp, seed: int, data)
 
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", ["first", "last", "mixed"])
-@settings(max_examples=15)
+@settings(max_examples=6)
 @given(shapes=layout_shapes(), hp=sgdp_hyperparameters(), seed=st.integers(0, 2**16),
        data=st.data())
 def test_sgdp_equals_torch_any_shapes(layout: str, shapes, hp, seed: int, data) -> None:
