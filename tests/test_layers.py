@@ -103,3 +103,13 @@ def test_the_layers_name_every_module() -> None:
     for module in graph():
         if module != "__init__":
             layer_of(module)
+
+
+def test_the_jax_port_imports_no_torch_layer() -> None:
+    """``scaleinv.optax`` sits beside the torch layers: it imports only its own modules."""
+    outside = {
+        f"{source} -> {target}"
+        for source, targets in graph().items() if source.startswith("optax")
+        for target in targets if not target.startswith("optax") and target != "__init__"
+    }
+    assert not outside, sorted(outside)
