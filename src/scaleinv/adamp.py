@@ -19,6 +19,7 @@ from scaleinv._common import (
     new_step_counter,
     nonempty,
     step_value,
+    unscaled,
 )
 from scaleinv.fused import fused_adamp
 from scaleinv.projection import (
@@ -173,6 +174,9 @@ class AdamP(ScaleInvariantOptimizer):
             with torch.enable_grad():
                 loss = closure()
         bodies = self.check_step()
+        grad_scale, skip = self.amp_scaling()
+        if skip:
+            return loss
         for group, body in zip(self.param_groups, bodies, strict=True):
             params: list[Tensor] = []
             grads: list[Tensor] = []
@@ -184,7 +188,7 @@ class AdamP(ScaleInvariantOptimizer):
                 continue
             beta1, beta2 = group["betas"]
             adamp(
-                params, grads, exp_avgs, exp_avg_sqs, steps, backend=body,
+                params, unscaled(grads, grad_scale), exp_avgs, exp_avg_sqs, steps, backend=body,
                 # counters left on the device by a fused step: the multi-tensor body keeps them
                 capturable=group["capturable"] or (body == "foreach"
                                                    and steps[0].device.type != "cpu"),

@@ -10,7 +10,13 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.optimizer import required
 
-from scaleinv._common import ScaleInvariantOptimizer, check_number, new_state, nonempty
+from scaleinv._common import (
+    ScaleInvariantOptimizer,
+    check_number,
+    new_state,
+    nonempty,
+    unscaled,
+)
 from scaleinv.fused import fused_sgdp
 from scaleinv.projection import (
     ScaleInvariant,
@@ -129,6 +135,9 @@ class SGDP(ScaleInvariantOptimizer):
             with torch.enable_grad():
                 loss = closure()
         bodies = self.check_step()
+        grad_scale, skip = self.amp_scaling()
+        if skip:
+            return loss
         for group, body in zip(self.param_groups, bodies, strict=True):
             params: list[Tensor] = []
             grads: list[Tensor] = []
@@ -145,7 +154,7 @@ class SGDP(ScaleInvariantOptimizer):
             if not params:
                 continue
             sgdp(
-                params, grads, buffers, backend=body,
+                params, unscaled(grads, grad_scale), buffers, backend=body,
                 lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"],
                 weight_decay=group["weight_decay"], nesterov=group["nesterov"],
                 eps=group["eps"], delta=group["delta"], wd_ratio=group["wd_ratio"],
