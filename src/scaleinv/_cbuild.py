@@ -34,7 +34,7 @@ import subprocess
 import tempfile
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
 
@@ -81,15 +81,21 @@ def _configured_dir() -> Path | None:
         return None
 
 
-def _is_private_dir(path: Path) -> bool:
-    """A real folder (not a link), owned by this user, that no one else may write."""
+def _is_ours(path: Path, is_kind: Callable[[int], bool]) -> bool:
+    """``path`` is of the kind ``is_kind`` tests (not a link), owned by this user, and no one
+    else may write it."""
     try:
         info = path.lstat()
     except OSError:
         return False
     owner_ok = not hasattr(os, "getuid") or info.st_uid == os.getuid()
-    return (stat.S_ISDIR(info.st_mode) and owner_ok
+    return (is_kind(info.st_mode) and owner_ok
             and not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH))
+
+
+def _is_private_dir(path: Path) -> bool:
+    """A real folder (not a link), owned by this user, that no one else may write."""
+    return _is_ours(path, stat.S_ISDIR)
 
 
 def _ensure_private_dir(path: Path) -> bool:
@@ -159,13 +165,7 @@ def _sha256(path: Path) -> str:
 
 
 def _owned_file(path: Path) -> bool:
-    try:
-        info = path.lstat()
-    except OSError:
-        return False
-    owner_ok = not hasattr(os, "getuid") or info.st_uid == os.getuid()
-    return (stat.S_ISREG(info.st_mode) and owner_ok
-            and not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH))
+    return _is_ours(path, stat.S_ISREG)
 
 
 def _verified(library: Path) -> bool:
