@@ -16,6 +16,7 @@ OPTIMIZERS = {
     "adamp": (AdamP, dict(lr=1e-2, weight_decay=0.1, eps=1e-3)),  # eps: scale-sensitive
     "sgdp": (SGDP, dict(lr=0.1, momentum=0.9, weight_decay=1e-3)),
 }
+# triton: through its interpreter on a CPU, where the kernels skip and unscale on the device
 BACKENDS = [b for b in available_backends("cpu", torch.float32) if b != "compiled"]
 
 
@@ -98,3 +99,33 @@ def test_unscale_first_then_step() -> None:
     plain.step()
     for p, q in zip(net.parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs Triton (its interpreter on a CPU)")
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_the_triton_kernels_read_nothing_on_the_host(name: str,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the Triton path the skip and the unscaling happen inside the kernels: the step never
+    asks the host whether an inf was found (``skip_step``), so a CUDA step does not wait."""
+    import scaleinv.adamp
+    import scaleinv.fused
+    import scaleinv.sgdp
+
+    def no_host_read(found_inf: object) -> bool:
+        raise AssertionError("found_inf was read on the host")
+
+    for module in (scaleinv.adamp, scaleinv.sgdp, scaleinv.fused):
+        monkeypatch.setattr(module, "skip_step", no_host_read)
+    monkeypatch.setenv("SCALEINV_BACKEND", "triton")
+    cls, options = OPTIMIZERS[name]
+    net = model(3)
+    optimizer = cls(net.parameters(), **options)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    for step in range(2):
+        optimizer.zero_grad()
+        scaler.scale(loss_of(net, step)).backward()
+        if step == 1:
+            next(net.parameters()).grad[0, 0, 0, 0] = float("nan")
+        scaler.step(optimizer)
+        scaler.update()
+    assert all(bool(p.isfinite().all()) for p in net.parameters())

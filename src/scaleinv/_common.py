@@ -65,14 +65,6 @@ def with_current_options(
     return {**state_dict, "param_groups": merged}
 
 
-def unscaled(grads: list[Tensor], grad_scale: Tensor | None) -> list[Tensor]:
-    """``grads / grad_scale`` as new tensors (``p.grad`` keeps its scaled values, as with
-    ``torch.optim.Adam(fused=True)``), or ``grads`` where there is no scale."""
-    if grad_scale is None or not grads:
-        return grads
-    return [g / grad_scale.to(g.device) for g in grads]
-
-
 def nonempty(*tensorlists: list[Tensor]) -> list[list[Tensor]]:
     """The lists without the positions where the first list holds an empty tensor."""
     if all(t.numel() for t in tensorlists[0]):
@@ -139,18 +131,12 @@ class ScaleInvariantOptimizer(Optimizer):
 
     option_defaults: dict[str, Any] = {}
     # torch.amp.GradScaler sets ``grad_scale`` and ``found_inf`` on the optimizer and lets
-    # step() unscale the gradients and skip the update (see :meth:`amp_scaling`).
+    # step() unscale the gradients and skip the update (scaleinv._amp; docs/amp.md).
     _step_supports_amp_scaling = True
 
-    def amp_scaling(self) -> tuple[Tensor | None, bool]:
-        """What a ``torch.amp.GradScaler`` step asks for: the scale to divide the gradients by
-        (``None``: unscaled already, or no scaler) and whether to skip this step (an inf or NaN
-        was found). Reading ``found_inf`` is one host read of one element per step (free on a
-        CPU; on CUDA it waits for the backward pass, as ``GradScaler`` does for optimizers
-        without this support)."""
-        found_inf = getattr(self, "found_inf", None)
-        skip = found_inf is not None and bool(found_inf)
-        return getattr(self, "grad_scale", None), skip
+    def amp_scaling(self) -> tuple[Tensor | None, Tensor | None]:
+        """``(grad_scale, found_inf)`` a ``torch.amp.GradScaler`` step set, or ``None``s."""
+        return getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
 
     @staticmethod
     def check_hyperparameters(options: dict[str, Any]) -> None:

@@ -154,6 +154,14 @@ def _scalars(scalars, table, K, t, step_size, rsqrt, decay_plain, decay_projecte
 
 
 @triton.jit
+def _amp(amp, length, sign):
+    """A ``GradScaler``'s ``(1 / scale, found_inf)`` at ``amp``: the row length to step (0 where
+    an inf was found, so nothing is read or written) and the gradient's factor."""
+    length = tl.where(tl.load(amp + 1) != 0.0, 0, length)
+    return length, sign * tl.load(amp)
+
+
+@triton.jit
 def _row(table, meta, row_tensor, r, K, DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr):
     """Tensor ``t`` of global row ``r``, the row's start and length, the tensor's mode, and
     pointers to the row in ``w``, ``g`` (``DTYPE``) and the two states (``STATE_DTYPE``)."""
@@ -181,16 +189,20 @@ def _row(table, meta, row_tensor, r, K, DTYPE: tl.constexpr, STATE_DTYPE: tl.con
 def _first_pass(
     table, meta, row_tensor, rows, stats, scalars, K,
     c1, c2, eps, sign, step_size, rsqrt, decay_plain, decay_projected,
-    b1_hi, b1_lo, b2_hi, b2_lo,
+    b1_hi, b1_lo, b2_hi, b2_lo, amp,
     DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr, IS_ADAM: tl.constexpr,
-    NESTEROV: tl.constexpr,
+    NESTEROV: tl.constexpr, HAS_AMP: tl.constexpr,
     SOURCE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Never-projected rows: the whole step. Other rows: new state, and the row's sums
-    ``(|g|^2, <g, w>, |w|^2, <w, p>)`` into ``stats[r]``."""
+    ``(|g|^2, <g, w>, |w|^2, <w, p>)`` into ``stats[r]``. ``HAS_AMP``: ``amp`` holds
+    ``(1 / grad_scale, found_inf)`` of a ``GradScaler``; with ``found_inf`` nothing is
+    written."""
     r = tl.load(rows + tl.program_id(0))
     t, mode, length, w_ptr, g_ptr, a_ptr, b_ptr = _row(
         table, meta, row_tensor, r, K, DTYPE, STATE_DTYPE)
+    if HAS_AMP:
+        length, sign = _amp(amp, length, sign)
     step_size, rsqrt, decay_plain, decay_projected = _scalars(
         scalars, table, K, t, step_size, rsqrt, decay_plain, decay_projected, b1_hi, b1_lo,
         b2_hi, b2_lo, SOURCE)
@@ -298,16 +310,19 @@ def _decide(meta, thresholds, tensors, stats, partials, views, eps, K,
 def _second_pass(
     table, meta, row_tensor, rows, stats, views, scalars, K,
     c1, eps, sign, step_size, rsqrt, decay_plain, decay_projected,
-    b1_hi, b1_lo, b2_hi, b2_lo,
+    b1_hi, b1_lo, b2_hi, b2_lo, amp,
     DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr, IS_ADAM: tl.constexpr,
-    NESTEROV: tl.constexpr,
+    NESTEROV: tl.constexpr, HAS_AMP: tl.constexpr,
     SOURCE: tl.constexpr, PROJECT_BUFFER: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """The weight of a row whose tensor took the test: ``w <- w (decay + lr s) - lr p`` with
-    ``p`` recomputed from the new state and ``s`` the view's coefficient (0: no view)."""
+    ``p`` recomputed from the new state and ``s`` the view's coefficient (0: no view).
+    ``HAS_AMP`` as in :func:`_first_pass`."""
     r = tl.load(rows + tl.program_id(0))
     t, mode, length, w_ptr, g_ptr, a_ptr, b_ptr = _row(
         table, meta, row_tensor, r, K, DTYPE, STATE_DTYPE)
+    if HAS_AMP:
+        length, sign = _amp(amp, length, sign)
     step_size, rsqrt, decay_plain, decay_projected = _scalars(
         scalars, table, K, t, step_size, rsqrt, decay_plain, decay_projected, b1_hi, b1_lo,
         b2_hi, b2_lo, SOURCE)
@@ -469,6 +484,7 @@ def _launch(
     states_b: list[Tensor] | None, counters: list[Tensor] | None, modes: list[int],
     source: int, scalars: Tensor | None, constants: dict[str, float], *, is_adam: bool,
     nesterov: bool, project_buffer: bool, delta: float, eps: float, shards: Shards | None,
+    amp: Tensor | None = None,
 ) -> None:
     """The passes over one group. ``source`` (``FROM_*``) says where the step sizes come
     from: ``constants``, the ``[K, 4]`` array ``scalars``, or the step ``counters``.
@@ -483,7 +499,7 @@ def _launch(
     stats = torch.empty((plan.n_rows, 4), dtype=torch.float32, device=device)
     views = torch.empty((len(params), 2), dtype=torch.float32, device=device)
     common = dict(DTYPE=_DTYPES[params[0].dtype], STATE_DTYPE=_DTYPES[states_a[0].dtype],
-                  IS_ADAM=is_adam, NESTEROV=nesterov,
+                  IS_ADAM=is_adam, NESTEROV=nesterov, HAS_AMP=amp is not None,
                   SOURCE=source)
     scalar_table = scalars if scalars is not None else stats  # read only FROM_TABLE
     K = len(params)
@@ -494,7 +510,8 @@ def _launch(
     if plan.looped_rows.numel():
         _first_pass[(plan.looped_rows.numel(),)](
             table, plan.meta, plan.row_tensor, plan.looped_rows, stats, scalar_table, K,
-            c1, c2, eps, sign, *step, BLOCK=BLOCK, num_warps=NUM_WARPS, **common)
+            c1, c2, eps, sign, *step, amp if amp is not None else stats, BLOCK=BLOCK,
+            num_warps=NUM_WARPS, **common)
     if plan.decided.numel():
         decide = _decide[(plan.decided.numel(),)]
         tables = (plan.meta, plan.thresholds, plan.decided, stats)
@@ -508,15 +525,30 @@ def _launch(
     if plan.second_rows.numel():
         _second_pass[(plan.second_rows.numel(),)](
             table, plan.meta, plan.row_tensor, plan.second_rows, stats, views, scalar_table, K,
-            c1, eps, sign, *step, PROJECT_BUFFER=project_buffer, BLOCK=BLOCK,
+            c1, eps, sign, *step, amp if amp is not None else stats,
+            PROJECT_BUFFER=project_buffer, BLOCK=BLOCK,
             num_warps=NUM_WARPS, **common)
+
+
+def _amp_array(grad_scale: Tensor | None, found_inf: Tensor | None,
+               device: torch.device) -> Tensor | None:
+    """``[1 / grad_scale, found_inf]`` (float32, on ``device``) for the kernels, computed there
+    (no host read); ``None`` without a ``GradScaler``."""
+    if grad_scale is None and found_inf is None:
+        return None
+    inverse = (torch.ones((), device=device) if grad_scale is None
+               else grad_scale.to(device, torch.float32).reciprocal())
+    found = (torch.zeros((), device=device) if found_inf is None
+             else found_inf.to(device, torch.float32))
+    return torch.stack([inverse, found])
 
 
 def adamp_step(
     params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
     steps: list[Tensor], modes: list[int], *, lr: float | Tensor, beta1: float, beta2: float,
     eps: float, weight_decay: float, wd_ratio: float, delta: float, nesterov: bool,
-    maximize: bool, shards: Shards | None = None,
+    maximize: bool, grad_scale: Tensor | None = None, found_inf: Tensor | None = None,
+    shards: Shards | None = None,
 ) -> None:
     """One AdamP step of ``params`` (one device and dtype, rows as blocks of memory) with
     per-tensor ``modes`` (``MODE_*``); ``shards`` where they are row shards. Increments
@@ -528,6 +560,11 @@ def adamp_step(
     device gives a ``[K, 4]`` device array computed there. Nothing is read back from the
     device."""
     device = params[0].device
+    amp = _amp_array(grad_scale, found_inf, device)
+    if amp is not None and found_inf is not None and steps[0].device != found_inf.device:
+        if bool(found_inf):  # host counters: decided on the host (one read)
+            return
+        amp[1] = 0.0
     torch._foreach_add_(steps, 1)
     if isinstance(lr, Tensor) and lr.device.type == "cpu":
         lr = float(lr)
@@ -561,14 +598,17 @@ def adamp_step(
             scalars = _to_device([[*x, *decays] for x in per_tensor], torch.float32, device)
     _launch(params, grads, exp_avgs, exp_avg_sqs, counters, modes, source, scalars, constants,
             is_adam=True, nesterov=nesterov, project_buffer=False, delta=delta, eps=eps,
-            shards=shards)
+            shards=shards, amp=amp)
+    if amp is not None and steps[0].device == device:
+        torch._foreach_sub_(steps, [amp[1]] * len(steps))  # a skipped step does not count
 
 
 def sgdp_step(
     params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor], modes: list[int],
     *, lr: float, momentum: float, dampening: float, eps: float, decay_plain: float,
     decay_projected: float, delta: float, nesterov: bool, maximize: bool,
-    project_buffer: bool, shards: Shards | None = None,
+    project_buffer: bool, grad_scale: Tensor | None = None, found_inf: Tensor | None = None,
+    shards: Shards | None = None,
 ) -> None:
     """One SGDP step of ``params`` (as :func:`adamp_step`; ``decay_*`` are the factors of
     :class:`scaleinv.SGDP`)."""
@@ -577,4 +617,4 @@ def sgdp_step(
                      decay_plain=float(decay_plain), decay_projected=float(decay_projected))
     _launch(params, grads, momentum_buffers, None, None, modes, FROM_ARGUMENTS, None, constants,
             is_adam=False, nesterov=nesterov, project_buffer=project_buffer, delta=delta,
-            eps=eps, shards=shards)
+            eps=eps, shards=shards, amp=_amp_array(grad_scale, found_inf, params[0].device))

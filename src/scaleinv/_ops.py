@@ -143,15 +143,17 @@ def triton_adamp_(
     exp_avg_sqs: list[Tensor], steps: list[Tensor], modes: list[int], lr: float,
     lr_tensor: Tensor | None, beta1: float, beta2: float, eps: float, weight_decay: float,
     delta: float, wd_ratio: float, nesterov: bool, maximize: bool,
+    grad_scale: Tensor | None = None, found_inf: Tensor | None = None,
 ) -> None:
-    """One AdamP step by the Triton kernels (increments ``steps``)."""
+    """One AdamP step by the Triton kernels (increments ``steps``; ``grad_scale`` and
+    ``found_inf`` of a ``GradScaler`` are applied on the device)."""
     kernels = triton_kernels()
     assert kernels is not None  # the caller checked
     kernels.adamp_step(
         *_triton_columns(params, grads, [exp_avgs, exp_avg_sqs]), steps, modes,
         lr=lr_tensor if lr_tensor is not None else lr, beta1=beta1, beta2=beta2, eps=eps,
         weight_decay=weight_decay, wd_ratio=wd_ratio, delta=delta, nesterov=nesterov,
-        maximize=maximize,
+        maximize=maximize, grad_scale=grad_scale, found_inf=found_inf,
     )
 
 
@@ -165,9 +167,9 @@ def triton_sgdp_(
     params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor], modes: list[int],
     lr: float, lr_tensor: Tensor | None, momentum: float, dampening: float, eps: float,
     weight_decay: float, delta: float, wd_ratio: float, nesterov: bool, maximize: bool,
-    project_buffer: bool,
+    project_buffer: bool, grad_scale: Tensor | None = None, found_inf: Tensor | None = None,
 ) -> None:
-    """One SGDP step by the Triton kernels."""
+    """One SGDP step by the Triton kernels (``grad_scale``, ``found_inf`` as for AdamP)."""
     kernels = triton_kernels()
     assert kernels is not None  # the caller checked
     lr_value = float(lr_tensor) if lr_tensor is not None else lr
@@ -177,6 +179,7 @@ def triton_sgdp_(
         decay_plain=1 - lr_value * weight_decay / (1 - momentum),
         decay_projected=1 - lr_value * weight_decay * wd_ratio / (1 - momentum), delta=delta,
         nesterov=nesterov, maximize=maximize, project_buffer=project_buffer,
+        grad_scale=grad_scale, found_inf=found_inf,
     )
 
 

@@ -11,6 +11,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from scaleinv import backends
+from scaleinv._amp import skip_step, unscaled
 from scaleinv._common import (
     ScaleInvariantOptimizer,
     as_step_counter,
@@ -19,7 +20,6 @@ from scaleinv._common import (
     new_step_counter,
     nonempty,
     step_value,
-    unscaled,
 )
 from scaleinv.fused import fused_adamp
 from scaleinv.projection import (
@@ -174,9 +174,7 @@ class AdamP(ScaleInvariantOptimizer):
             with torch.enable_grad():
                 loss = closure()
         bodies = self.check_step()
-        grad_scale, skip = self.amp_scaling()
-        if skip:
-            return loss
+        grad_scale, found_inf = self.amp_scaling()
         for group, body in zip(self.param_groups, bodies, strict=True):
             params: list[Tensor] = []
             grads: list[Tensor] = []
@@ -188,7 +186,8 @@ class AdamP(ScaleInvariantOptimizer):
                 continue
             beta1, beta2 = group["betas"]
             adamp(
-                params, unscaled(grads, grad_scale), exp_avgs, exp_avg_sqs, steps, backend=body,
+                params, grads, exp_avgs, exp_avg_sqs, steps, backend=body,
+                grad_scale=grad_scale, found_inf=found_inf,
                 # counters left on the device by a fused step: the multi-tensor body keeps them
                 capturable=group["capturable"] or (body == "foreach"
                                                    and steps[0].device.type != "cpu"),
@@ -221,12 +220,16 @@ def adamp(
     scale_invariant: ScaleInvariant = "auto",
     fused: bool | None = None,
     backend: str | None = None,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
 ) -> None:
     """Functional AdamP over lists of tensors (see :class:`AdamP` for the maths).
 
     ``backend`` names the body (:mod:`scaleinv.backends`: ``"reference"``, ``"foreach"``, a
     fused backend, or ``"fused"`` for the fused path's choice); without it ``fused`` and
-    ``foreach`` choose. Empty tensors are skipped.
+    ``foreach`` choose. Empty tensors are skipped. ``grad_scale`` and ``found_inf`` (from a
+    ``torch.amp.GradScaler``): the gradients are divided by ``grad_scale``, and nothing
+    changes where ``found_inf`` is nonzero (:mod:`scaleinv._amp`).
     """
     if backend is None:
         backend = "fused" if fused else "foreach" if foreach else "reference"
@@ -237,15 +240,18 @@ def adamp(
         lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, delta=delta,
         wd_ratio=wd_ratio, nesterov=nesterov, maximize=maximize, scale_invariant=scale_invariant,
     )
-    if backend == "reference":
-        _single_tensor_adamp(*tensors, capturable=capturable, **hyper)
+    if backend in ("reference", "foreach"):
+        if skip_step(found_inf):
+            return
+        tensors[1] = unscaled(tensors[1], grad_scale)
+        body = _single_tensor_adamp if backend == "reference" else _multi_tensor_adamp
+        body(*tensors, capturable=capturable, **hyper)
         return
-    if backend == "foreach":
-        _multi_tensor_adamp(*tensors, capturable=capturable, **hyper)
-        return
-    left = fused_adamp(*tensors, backend=None if backend == "fused" else backend, **hyper)
-    if left:
+    left = fused_adamp(*tensors, backend=None if backend == "fused" else backend,
+                       grad_scale=grad_scale, found_inf=found_inf, **hyper)
+    if left and not skip_step(found_inf):
         rest = [[ts[i] for i in left] for ts in tensors]
+        rest[1] = unscaled(rest[1], grad_scale)
         _multi_tensor_adamp(*rest, capturable=capturable or rest[4][0].device.type != "cpu",
                             **hyper)
 

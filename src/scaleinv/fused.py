@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from scaleinv import _fused_compiled, _layout, _ops
+from scaleinv._amp import skip_step, unscaled
 from scaleinv.backends import BACKENDS, first_that_runs, fused_backend, triton_kernels
 from scaleinv.distributed import all_reduce_row_statistics, is_dtensor
 from scaleinv.projection import ScaleInvariant
@@ -95,12 +96,15 @@ def fused_adamp(
     exp_avg_sqs: list[Tensor], state_steps: list[Tensor], *, lr: float | Tensor, beta1: float,
     beta2: float, eps: float, weight_decay: float, delta: float, wd_ratio: float,
     nesterov: bool, maximize: bool, scale_invariant: ScaleInvariant,
-    backend: str | None = None,
+    backend: str | None = None, grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
 ) -> list[int]:
     """AdamP over lists of tensors, fused (see :class:`scaleinv.AdamP` for the maths).
 
     ``backend``: a fused backend of :mod:`scaleinv.backends`, or ``None`` to pick per device
-    and dtype. Returns the indices of the tensors it did not step, for the multi-tensor body.
+    and dtype. ``grad_scale``, ``found_inf``: as in :mod:`scaleinv._amp` (the Triton kernels
+    apply them on the device). Returns the indices of the tensors it did not step, for the
+    multi-tensor body.
     """
     hyper: dict[str, Any] = dict(
         beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, delta=delta,
@@ -121,12 +125,17 @@ def fused_adamp(
         if not taken:
             continue
         w, g, m, v, s = (_pick(t, taken) for t in (d_params, d_grads, d_ms, d_vs, d_steps))
+        if chosen == "triton":
+            left.extend(indices[taken[i]] for i in _triton_adamp(
+                w, g, m, v, s, lr=lr, scale_invariant=scale_invariant, grad_scale=grad_scale,
+                found_inf=found_inf, **hyper))
+            continue
+        if skip_step(found_inf):
+            continue
+        g = unscaled(g, grad_scale)
         if chosen == "native":
             _ops.run("native_adamp_", w, g, m, v, s, _layout.modes(w, scale_invariant), lr=lr,
                      **hyper)
-        elif chosen == "triton":
-            left.extend(indices[taken[i]] for i in _triton_adamp(
-                w, g, m, v, s, lr=lr, scale_invariant=scale_invariant, **hyper))
         else:
             views = [_layout.row_views(*t[:2], list(t[2:])) for t in zip(w, g, m, v, strict=True)]
             _fused_compiled.tensorwise_adamp(views, s, backend=chosen, lr=lr,  # type: ignore[arg-type]
@@ -136,11 +145,13 @@ def fused_adamp(
 
 def _triton_adamp(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
                   exp_avg_sqs: list[Tensor], steps: list[Tensor], *, lr: float | Tensor,
-                  scale_invariant: ScaleInvariant, **hyper: Any) -> list[int]:
+                  scale_invariant: ScaleInvariant, grad_scale: Tensor | None,
+                  found_inf: Tensor | None, **hyper: Any) -> list[int]:
     """The Triton launches of one group; returns the indices (into ``params``) left over."""
     if torch.compiler.is_compiling():  # _takes kept only what the kernels take as they are
         _ops.run("triton_adamp_", params, grads, exp_avgs, exp_avg_sqs, steps,
-                 _layout.modes(params, scale_invariant), lr=lr, **hyper)
+                 _layout.modes(params, scale_invariant), lr=lr, grad_scale=grad_scale,
+                 found_inf=found_inf, **hyper)
         return []
     kernels = triton_kernels()
     assert kernels is not None  # _resolve checked
@@ -149,11 +160,12 @@ def _triton_adamp(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tens
         w, g, m, v, s = (_pick(t, taken) for t in (params, grads, exp_avgs, exp_avg_sqs, steps))
         modes = _layout.modes(w, scale_invariant)
         if sharded is None:
-            _ops.run("triton_adamp_", w, g, m, v, s, modes, lr=lr, **hyper)
+            _ops.run("triton_adamp_", w, g, m, v, s, modes, lr=lr, grad_scale=grad_scale,
+                     found_inf=found_inf, **hyper)
         else:
             whole, group = sharded
             kernels.adamp_step(
-                *columns, s, modes, lr=lr, **hyper,
+                *columns, s, modes, lr=lr, grad_scale=grad_scale, found_inf=found_inf, **hyper,
                 shards=kernels.Shards(whole, functools.partial(all_reduce_row_statistics, group)))
     return left
 
@@ -163,7 +175,8 @@ def fused_sgdp(
     lr: float | Tensor, momentum: float, dampening: float, weight_decay: float, nesterov: bool,
     eps: float, delta: float, wd_ratio: float, project_momentum: bool = False,
     maximize: bool = False, scale_invariant: ScaleInvariant = "auto",
-    backend: str | None = None,
+    backend: str | None = None, grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
 ) -> list[int]:
     """SGDP over lists of tensors, fused (see :class:`scaleinv.SGDP` for the maths;
     ``backend`` and the returned indices as in :func:`fused_adamp`)."""
@@ -187,11 +200,16 @@ def fused_sgdp(
         if not taken:
             continue
         w, g, b = (_pick(t, taken) for t in (d_params, d_grads, d_bufs))
+        if chosen == "triton":
+            left.extend(indices[taken[i]] for i in _triton_sgdp(
+                w, g, b, lr=lr, scale_invariant=scale_invariant, grad_scale=grad_scale,
+                found_inf=found_inf, **hyper))
+            continue
+        if skip_step(found_inf):
+            continue
+        g = unscaled(g, grad_scale)
         if chosen == "native":
             _ops.run("native_sgdp_", w, g, b, _layout.modes(w, scale_invariant), lr=lr, **hyper)
-        elif chosen == "triton":
-            left.extend(indices[taken[i]] for i in _triton_sgdp(
-                w, g, b, lr=lr, scale_invariant=scale_invariant, **hyper))
         else:
             views = [_layout.row_views(*t[:2], list(t[2:])) for t in zip(w, g, b, strict=True)]
             _fused_compiled.tensorwise_sgdp(views, backend=chosen, lr=float(lr),  # type: ignore[arg-type]
@@ -200,11 +218,14 @@ def fused_sgdp(
 
 
 def _triton_sgdp(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor], *,
-                 lr: float | Tensor, scale_invariant: ScaleInvariant, **hyper: Any) -> list[int]:
+                 lr: float | Tensor, scale_invariant: ScaleInvariant,
+                 grad_scale: Tensor | None, found_inf: Tensor | None,
+                 **hyper: Any) -> list[int]:
     """The Triton launches of one group; returns the indices (into ``params``) left over."""
     if torch.compiler.is_compiling():  # _takes kept only what the kernels take as they are
         _ops.run("triton_sgdp_", params, grads, momentum_buffers,
-                 _layout.modes(params, scale_invariant), lr=lr, **hyper)
+                 _layout.modes(params, scale_invariant), lr=lr, grad_scale=grad_scale,
+                 found_inf=found_inf, **hyper)
         return []
     kernels = triton_kernels()
     assert kernels is not None  # _resolve checked
@@ -213,7 +234,8 @@ def _triton_sgdp(params: list[Tensor], grads: list[Tensor], momentum_buffers: li
         w, g, b = (_pick(t, taken) for t in (params, grads, momentum_buffers))
         modes = _layout.modes(w, scale_invariant)
         if sharded is None:
-            _ops.run("triton_sgdp_", w, g, b, modes, lr=lr, **hyper)
+            _ops.run("triton_sgdp_", w, g, b, modes, lr=lr, grad_scale=grad_scale,
+                     found_inf=found_inf, **hyper)
         else:
             whole, group = sharded
             lr_value = float(lr)
@@ -223,6 +245,7 @@ def _triton_sgdp(params: list[Tensor], grads: list[Tensor], momentum_buffers: li
                 eps=hyper["eps"], decay_plain=1 - lr_value * wd / (1 - momentum),
                 decay_projected=1 - lr_value * wd * ratio / (1 - momentum),
                 delta=hyper["delta"], nesterov=hyper["nesterov"], maximize=hyper["maximize"],
-                project_buffer=hyper["project_buffer"],
+                project_buffer=hyper["project_buffer"], grad_scale=grad_scale,
+                found_inf=found_inf,
                 shards=kernels.Shards(whole, functools.partial(all_reduce_row_statistics, group)))
     return left

@@ -10,12 +10,12 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.optimizer import required
 
+from scaleinv._amp import skip_step, unscaled
 from scaleinv._common import (
     ScaleInvariantOptimizer,
     check_number,
     new_state,
     nonempty,
-    unscaled,
 )
 from scaleinv.fused import fused_sgdp
 from scaleinv.projection import (
@@ -135,9 +135,7 @@ class SGDP(ScaleInvariantOptimizer):
             with torch.enable_grad():
                 loss = closure()
         bodies = self.check_step()
-        grad_scale, skip = self.amp_scaling()
-        if skip:
-            return loss
+        grad_scale, found_inf = self.amp_scaling()
         for group, body in zip(self.param_groups, bodies, strict=True):
             params: list[Tensor] = []
             grads: list[Tensor] = []
@@ -154,7 +152,8 @@ class SGDP(ScaleInvariantOptimizer):
             if not params:
                 continue
             sgdp(
-                params, unscaled(grads, grad_scale), buffers, backend=body,
+                params, grads, buffers, backend=body,
+                grad_scale=grad_scale, found_inf=found_inf,
                 lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"],
                 weight_decay=group["weight_decay"], nesterov=group["nesterov"],
                 eps=group["eps"], delta=group["delta"], wd_ratio=group["wd_ratio"],
@@ -183,10 +182,12 @@ def sgdp(
     scale_invariant: ScaleInvariant = "auto",
     fused: bool | None = None,
     backend: str | None = None,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
 ) -> None:
     """Functional SGDP over lists of tensors (see :class:`SGDP` for the maths; ``backend``,
-    ``fused`` and ``foreach`` as in :func:`scaleinv.adamp.adamp`). Empty tensors are
-    skipped."""
+    ``fused``, ``foreach``, ``grad_scale`` and ``found_inf`` as in
+    :func:`scaleinv.adamp.adamp`). Empty tensors are skipped."""
     if backend is None:
         backend = "fused" if fused else "foreach" if foreach else "reference"
     tensors = nonempty(params, grads, momentum_buffers)
@@ -197,14 +198,19 @@ def sgdp(
         nesterov=nesterov, eps=eps, delta=delta, wd_ratio=wd_ratio,
         project_momentum=project_momentum, maximize=maximize, scale_invariant=scale_invariant,
     )
-    if backend == "reference":
-        _single_tensor_sgdp(*tensors, **hyper)
-    elif backend == "foreach":
-        _multi_tensor_sgdp(*tensors, **hyper)
-    else:
-        left = fused_sgdp(*tensors, backend=None if backend == "fused" else backend, **hyper)
-        if left:
-            _multi_tensor_sgdp(*([ts[i] for i in left] for ts in tensors), **hyper)
+    if backend in ("reference", "foreach"):
+        if skip_step(found_inf):
+            return
+        tensors[1] = unscaled(tensors[1], grad_scale)
+        body = _single_tensor_sgdp if backend == "reference" else _multi_tensor_sgdp
+        body(*tensors, **hyper)
+        return
+    left = fused_sgdp(*tensors, backend=None if backend == "fused" else backend,
+                      grad_scale=grad_scale, found_inf=found_inf, **hyper)
+    if left and not skip_step(found_inf):
+        rest = [[ts[i] for i in left] for ts in tensors]
+        rest[1] = unscaled(rest[1], grad_scale)
+        _multi_tensor_sgdp(*rest, **hyper)
 
 
 def _single_tensor_sgdp(
