@@ -14,6 +14,7 @@ Per optimizer (AdamP, SGDP; ``foreach=True``, ``scale_invariant="auto"`` on the 
 from __future__ import annotations
 
 import os
+from collections import Counter
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,8 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 from _dist_worker import (
+    DELTA,
+    EPS,
     OPTIMIZERS,
     WORLD_SIZE,
     build_model,
@@ -43,6 +46,7 @@ from _dist_worker import (
     micro_batch,
     param_groups,
 )
+from scaleinv.projection import select_view
 
 K, M = 3, 2  # steps before the first checkpoint; steps after each load
 NAMES = ("adamp", "sgdp")
@@ -58,14 +62,20 @@ def build(name: str, sharded: bool) -> tuple[nn.Module, torch.optim.Optimizer]:
 
 
 def train(
-    model: nn.Module, optimizer: torch.optim.Optimizer, steps: range, ranks: list[int]
+    model: nn.Module, optimizer: torch.optim.Optimizer, steps: range, ranks: list[int],
+    branches: Counter[str] | None = None,
 ) -> None:
-    """Steps on the global batches: each process averages the micro-batches of ``ranks``."""
+    """Steps on the global batches: each process averages the micro-batches of ``ranks``.
+
+    ``branches`` (unsharded models only) counts the cosine test's choice for each matrix."""
     for step in steps:
         optimizer.zero_grad()
         for r in ranks:
             x, y = micro_batch(MODEL, step, r)
             (loss_of(MODEL, model, x, y) / len(ranks)).backward()  # FSDP2 averages over ranks
+        if branches is not None:
+            branches.update(str(select_view(p.detach(), p.grad, "auto", DELTA, EPS))
+                            for p in model.parameters() if p.dim() >= 2)
         optimizer.step()
 
 
@@ -107,11 +117,12 @@ def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, 
 def uninterrupted(name: str, stops: tuple[int, ...]) -> dict[int, dict[str, Any]]:
     """One process, no checkpoint: the full state after each of ``stops`` steps."""
     model, optimizer = build(name, sharded=False)
-    snapshots, done = {}, 0
+    snapshots, done, branches = {}, 0, Counter[str]()
     for stop in stops:
-        train(model, optimizer, range(done, stop), list(range(WORLD_SIZE)))
+        train(model, optimizer, range(done, stop), list(range(WORLD_SIZE)), branches)
         done = stop
-        snapshots[stop] = {**full_state(model, optimizer), "steps": steps_of(model, optimizer)}
+        snapshots[stop] = {**full_state(model, optimizer), "steps": steps_of(model, optimizer),
+                           "branches": dict(branches)}
     return snapshots
 
 
