@@ -79,18 +79,20 @@ def train(
         optimizer.step()
 
 
-def save(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
-    state = {"model": get_model_state_dict(model),
-             "optim": get_optimizer_state_dict(model, optimizer)}
+def save(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path,
+         options: StateDictOptions | None = None) -> None:
+    state = {"model": get_model_state_dict(model, options=options),
+             "optim": get_optimizer_state_dict(model, optimizer, options=options)}
     dcp.save(state, checkpoint_id=str(folder))
 
 
-def load(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
-    state = {"model": get_model_state_dict(model),
-             "optim": get_optimizer_state_dict(model, optimizer)}
+def load(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path,
+         options: StateDictOptions | None = None) -> None:
+    state = {"model": get_model_state_dict(model, options=options),
+             "optim": get_optimizer_state_dict(model, optimizer, options=options)}
     dcp.load(state, checkpoint_id=str(folder))
-    set_model_state_dict(model, state["model"])
-    set_optimizer_state_dict(model, optimizer, state["optim"])
+    set_model_state_dict(model, state["model"], options=options)
+    set_optimizer_state_dict(model, optimizer, state["optim"], options=options)
 
 
 def steps_of(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, float]:

@@ -18,6 +18,9 @@ import torch.distributed as dist
 if not (dist.is_available() and dist.is_gloo_available()):
     pytest.skip("needs torch.distributed with the gloo backend", allow_module_level=True)
 
+import torch.distributed.checkpoint as dcp  # noqa: E402
+from torch.distributed.checkpoint.state_dict import StateDictOptions  # noqa: E402
+
 import _dcp_worker as worker  # noqa: E402  (imports torch.distributed.fsdp)
 from _dcp_worker import NAMES, K, M  # noqa: E402
 
@@ -110,17 +113,22 @@ def test_checkpoints_were_resharded(runs: dict[str, Any], name: str) -> None:
 # ------------------------------------------------------------------ one process, no FSDP
 
 
+@pytest.mark.parametrize("flatten", [False, True], ids=["nested", "flattened"])
 @pytest.mark.parametrize("name", NAMES)
-def test_single_process_round_trip(tmp_path: Path, name: str) -> None:
-    """DCP's state_dict helpers and save/load without a process group: the same steps."""
+def test_single_process_round_trip(tmp_path: Path, name: str, flatten: bool) -> None:
+    """DCP's state_dict helpers and save/load without a process group: the same steps, with
+    the optimizer state nested (the default) or flattened to one key per value."""
+    options = StateDictOptions(flatten_optimizer_state_dict=flatten)
     model, optimizer = worker.build(name, sharded=False)
     every_rank = list(range(worker.WORLD_SIZE))
     worker.train(model, optimizer, range(K), every_rank)
     with pytest.warns(UserWarning, match="single process"):
-        worker.save(model, optimizer, tmp_path)
+        worker.save(model, optimizer, tmp_path, options)
+    saved = dcp.FileSystemReader(str(tmp_path)).read_metadata().state_dict_metadata
+    assert ("optim.param_groups.conv1.weight.scale_invariant" in saved) == flatten, sorted(saved)
     resumed, resumed_optimizer = worker.build(name, sharded=False)
     with pytest.warns(UserWarning, match="single process"):
-        worker.load(resumed, resumed_optimizer, tmp_path)
+        worker.load(resumed, resumed_optimizer, tmp_path, options)
     worker.train(resumed, resumed_optimizer, range(K, K + M), every_rank)
     expected = worker.uninterrupted(name, (K + M,))[K + M]
     got = worker.full_state(resumed, resumed_optimizer)
