@@ -1,9 +1,10 @@
 """Multi-process side of ``test_distributed_checkpoint.py``: FSDP2 checkpoints, 2 -> 1 -> 2 ranks.
 
-Per optimizer (AdamP, SGDP; ``foreach=True``, ``scale_invariant="auto"`` on the matrices):
+Per case of :data:`CASES` (``_dist_worker``'s models; AdamP or SGDP with ``foreach=True`` and
+``scale_invariant="auto"`` on the matrices):
 
-1. two CPU processes (gloo) train ``_dist_worker``'s CNN under FSDP2 for ``K`` steps and save
-   model and optimizer with ``torch.distributed.checkpoint`` (:func:`phase_sharded`);
+1. two CPU processes (gloo) train the model under FSDP2 for ``K`` steps and save model and
+   optimizer with ``torch.distributed.checkpoint`` (:func:`phase_sharded`);
 2. one process, plain model, no process group, loads that folder (DCP gathers the shards),
    takes ``M`` steps on the same global batches and saves again (:func:`phase_single`);
 3. two processes load that, take ``M`` more steps and hand back the full weights and state.
@@ -49,30 +50,38 @@ from _dist_worker import (
 from scaleinv.projection import select_view
 
 K, M = 3, 2  # steps before the first checkpoint; steps after each load
-NAMES = ("adamp", "sgdp")
-MODEL = "cnn"  # uneven shards (5 rows on 2 ranks) and an empty one (rank 1's half of a 1-row head)
+# ``model/optimizer``: the CNN's shards are uneven (5 rows on 2 ranks) and one is empty (rank 1's
+# half of a 1-row head), its convolutions pass the channel test; the Transformer's LayerNorms
+# make some matrices pass the layer test.
+CASES = ("cnn/adamp", "cnn/sgdp", "transformer/adamp")
 
 
-def build(name: str, sharded: bool) -> tuple[nn.Module, torch.optim.Optimizer]:
-    cls, hyper = OPTIMIZERS[name]
-    model = build_model(MODEL)
+def folder(root: Path, case: str, written_by: str) -> Path:
+    return root / f"{case.replace('/', '-')}-{written_by}"
+
+
+def build(case: str, sharded: bool) -> tuple[nn.Module, torch.optim.Optimizer]:
+    model_name, optimizer_name = case.split("/")
+    cls, hyper = OPTIMIZERS[optimizer_name]
+    model = build_model(model_name)
     if sharded:
         fully_shard(model, mesh=init_device_mesh("cpu", (WORLD_SIZE,)))
     return model, cls(param_groups(model, "auto"), foreach=True, **hyper)
 
 
 def train(
-    model: nn.Module, optimizer: torch.optim.Optimizer, steps: range, ranks: list[int],
-    branches: Counter[str] | None = None,
+    case: str, model: nn.Module, optimizer: torch.optim.Optimizer, steps: range,
+    ranks: list[int], branches: Counter[str] | None = None,
 ) -> None:
     """Steps on the global batches: each process averages the micro-batches of ``ranks``.
 
     ``branches`` (unsharded models only) counts the cosine test's choice for each matrix."""
+    model_name = case.split("/")[0]
     for step in steps:
         optimizer.zero_grad()
         for r in ranks:
-            x, y = micro_batch(MODEL, step, r)
-            (loss_of(MODEL, model, x, y) / len(ranks)).backward()  # FSDP2 averages over ranks
+            x, y = micro_batch(model_name, step, r)
+            (loss_of(model_name, model, x, y) / len(ranks)).backward()  # FSDP2: mean over ranks
         if branches is not None:
             branches.update(str(select_view(p.detach(), p.grad, "auto", DELTA, EPS))
                             for p in model.parameters() if p.dim() >= 2)
@@ -116,12 +125,12 @@ def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, 
 # --------------------------------------------------------------------------- the three phases
 
 
-def uninterrupted(name: str, stops: tuple[int, ...]) -> dict[int, dict[str, Any]]:
+def uninterrupted(case: str, stops: tuple[int, ...]) -> dict[int, dict[str, Any]]:
     """One process, no checkpoint: the full state after each of ``stops`` steps."""
-    model, optimizer = build(name, sharded=False)
+    model, optimizer = build(case, sharded=False)
     snapshots, done, branches = {}, 0, Counter[str]()
     for stop in stops:
-        train(model, optimizer, range(done, stop), list(range(WORLD_SIZE)), branches)
+        train(case, model, optimizer, range(done, stop), list(range(WORLD_SIZE)), branches)
         done = stop
         snapshots[stop] = {**full_state(model, optimizer), "steps": steps_of(model, optimizer),
                            "branches": dict(branches)}
@@ -129,21 +138,21 @@ def uninterrupted(name: str, stops: tuple[int, ...]) -> dict[int, dict[str, Any]
 
 
 def phase_single(
-    name: str, source: Path, target: Path, reset_steps: bool = False
+    case: str, source: Path, target: Path, reset_steps: bool = False
 ) -> dict[str, Any]:
     """Load the 2-rank checkpoint into one process, step ``M`` times, save to ``target``.
 
     ``reset_steps`` zeroes AdamP's step counters after loading: a control showing that the
     comparison notices a counter that did not survive.
     """
-    model, optimizer = build(name, sharded=False)
+    model, optimizer = build(case, sharded=False)
     load(model, optimizer, source)
     loaded = steps_of(model, optimizer)
     kinds = {type(v).__name__ for s in optimizer.state.values() for v in s.values()}
     if reset_steps:
         for s in optimizer.state.values():
             s["step"].zero_()
-    train(model, optimizer, range(K, K + M), list(range(WORLD_SIZE)))
+    train(case, model, optimizer, range(K, K + M), list(range(WORLD_SIZE)))
     save(model, optimizer, target)
     return {**full_state(model, optimizer), "loaded_steps": loaded, "state_types": sorted(kinds)}
 
@@ -151,23 +160,23 @@ def phase_single(
 def phase_sharded(rank: int, first: bool, root: Path) -> dict[str, Any]:
     """Phase 1 (``first``: train ``K`` steps, save) or 3 (load, ``M`` more steps)."""
     results: dict[str, Any] = {}
-    for name in NAMES:
-        model, optimizer = build(name, sharded=True)
+    for case in CASES:
+        model, optimizer = build(case, sharded=True)
         result: dict[str, Any] = {}
         if first:
-            train(model, optimizer, range(K), [rank])
-            save(model, optimizer, root / f"{name}-2ranks")
+            train(case, model, optimizer, range(K), [rank])
+            save(model, optimizer, folder(root, case, "2ranks"))
         else:
-            load(model, optimizer, root / f"{name}-1rank")
+            load(model, optimizer, folder(root, case, "1rank"))
             result["loaded_steps"] = steps_of(model, optimizer)
             result["state_types"] = sorted(
                 {type(v).__name__ for s in optimizer.state.values() for v in s.values()}
             )
-            train(model, optimizer, range(K + M, K + 2 * M), [rank])
+            train(case, model, optimizer, range(K + M, K + 2 * M), [rank])
             result["final_steps"] = steps_of(model, optimizer)
             result.update(full_state(model, optimizer))
         result["local_rows"] = {n: p.to_local().shape[0] for n, p in model.named_parameters()}
-        results[name] = result
+        results[case] = result
     return results
 
 
