@@ -17,8 +17,8 @@ PACKAGE = Path(scaleinv.__file__).parent
 LAYERS: list[set[str]] = [
     {"_constants", "distributed"},
     {"projection"},
-    {"_amp", "_cbuild", "_layout", "_fused_cpu", "_fused_triton", "_fused_compiled", "backends", "_ops",
-     "fused"},
+    {"_amp", "_cbuild", "_layout", "_fused_cpu", "_fused_triton", "_fused_compiled", "backends",
+     "_ops", "fused"},
     {"_common", "adamp", "sgdp", "integrations"},
     {"wrap", "inspect", "monitor", "plots", "optax"},
     {"experiments"},
