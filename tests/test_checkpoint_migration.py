@@ -196,8 +196,6 @@ def _refused_cases():
         "SGDP into AdamP": (AdamP, lambda ps: SGDP(ps, lr=0.1), "scaleinv.SGDP"),
         "RMSprop": (AdamP, lambda ps: torch.optim.RMSprop(ps), "neither"),
         "NAdam": (AdamP, lambda ps: torch.optim.NAdam(ps), "neither"),
-        "timm caution": (AdamP, lambda ps: import_timm().optim.AdamP(ps, caution=True),
-                         "caution"),
         "pytorch_optimizer coupled": (
             AdamP, lambda ps: pytorch_optimizer.AdamP(ps, weight_decay=1e-2,
                                                       weight_decouple=False), "coupled"),
@@ -211,7 +209,7 @@ def _refused_cases():
 
 REFUSED = [
     "Adam L2 decay", "Adam amsgrad", "Adam into SGDP", "SGD into AdamP", "AdamP into SGDP",
-    "SGDP into AdamP", "RMSprop", "NAdam", "timm caution", "pytorch_optimizer coupled",
+    "SGDP into AdamP", "RMSprop", "NAdam", "pytorch_optimizer coupled",
     "pytorch_optimizer fixed decay", "out of range",
 ]
 
@@ -240,3 +238,28 @@ def test_foreign_checkpoint_refused_at_load(case: str) -> None:
             assert torch.equal(torch.as_tensor(after["state"][index][key]),
                                torch.as_tensor(value))
     run_lockstep([ours], KINDS, steps=1, seed=13)  # and still steps
+
+
+@pytest.mark.parametrize("name", ["AdamP", "SGDP"])
+def test_timm_cautious_checkpoint_continues_with_caution(name: str) -> None:
+    """A checkpoint of timm's ``caution=True`` optimizer continues as ours with ``caution``:
+    the same steps as timm's own optimizer resumed from it."""
+    timm = import_timm()
+    hp = (dict(lr=1e-2, betas=(0.9, 0.99), weight_decay=1e-2, nesterov=True) if name == "AdamP"
+          else dict(lr=0.1, momentum=0.9, weight_decay=1e-3, nesterov=True))
+    timm_cls, cls = getattr(timm.optim, name), {"AdamP": AdamP, "SGDP": SGDP}[name]
+    init = initial_params(SHAPES, seed=21)
+    source_params = copy_params(init)
+    source = Driven(timm_cls(source_params, caution=True, **hp), source_params)
+    run_lockstep([source], KINDS, steps=FIRST, seed=22)
+    checkpoint = through_file(source.optimizer.state_dict())
+
+    ours_params, theirs_params = copy_params(source_params), copy_params(source_params)
+    ours = Driven(cls(ours_params, **({"lr": 1.0} if cls is SGDP else {})), ours_params)
+    ours.optimizer.load_state_dict(checkpoint)
+    assert ours.optimizer.param_groups[0]["caution"] is True
+    theirs = Driven(timm_cls(theirs_params, caution=True, **hp), theirs_params)
+    theirs.optimizer.load_state_dict(through_file(checkpoint))  # its own tensors, not shared
+    run_lockstep([theirs, ours], KINDS, steps=SECOND, seed=23)
+    for actual, expected in zip(ours_params, theirs_params, strict=True):
+        assert_round_off_close(actual, expected, FIRST + SECOND)

@@ -46,6 +46,8 @@ def train(net: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: int) ->
 @pytest.mark.parametrize(("name", "cls", "kwargs"), [
     ("adamp", AdamP, dict(lr=1e-2, weight_decay=0.05)),
     ("sgdp", SGDP, dict(lr=0.1, weight_decay=1e-3)),
+    ("cadamp", AdamP, dict(lr=1e-2, weight_decay=0.05)),
+    ("csgdp", SGDP, dict(lr=0.1, weight_decay=1e-3)),
 ])
 def test_factory_builds_ours_and_steps_like_timms(timm_registry, name, cls, kwargs) -> None:
     create = timm_registry.optim.create_optimizer_v2
@@ -84,10 +86,17 @@ def test_sgdp_without_lr_is_refused_like_timms(timm_registry) -> None:
         timm_registry.optim.create_optimizer_v2(model(), "sgdp")
 
 
-def test_other_names_untouched(timm_registry) -> None:
+def test_cautious_names_build_ours_with_caution(timm_registry) -> None:
+    """``cadamp``/``csgdp`` become our classes with ``caution=True`` (their steps equal timm's:
+    :func:`test_factory_builds_ours_and_steps_like_timms`); other names stay timm's."""
     scaleinv_timm.register()
-    cadamp = timm_registry.optim.create_optimizer_v2(model(), "cadamp")
-    assert type(cadamp).__module__.startswith("timm.") and cadamp.defaults["caution"] is True
+    create = timm_registry.optim.create_optimizer_v2
+    cadamp = create(model(), "cadamp")
+    assert type(cadamp) is AdamP and cadamp.defaults["caution"] is True
+    assert type(create(model(), "csgdp", lr=0.1)) is SGDP
+    assert type(create(model(), "adamw")).__module__.startswith("torch.")
+    scaleinv_timm.register(timm_defaults=False)
+    assert create(model(), "cadamp").defaults["caution"] is True
 
 
 def test_bad_argument() -> None:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from scaleinv import SGDP, AdamP
+from scaleinv import adamp as scaleinv_adamp
 
 
 def params():
@@ -192,3 +193,19 @@ def test_zeros_give_finite_results(cls, foreach, case) -> None:
         assert torch.isfinite(p).all()
         for value in opt.state[p].values():
             assert torch.isfinite(value).all()
+
+
+def test_caution_options_are_checked() -> None:
+    w = torch.nn.Parameter(torch.randn(3, 4))
+    with pytest.raises(TypeError, match="caution"):
+        AdamP([w], caution="yes")
+    with pytest.raises(ValueError, match="caution=True cannot be combined with project_momentum"):
+        SGDP([w], lr=0.1, caution=True, project_momentum=True)
+    w.grad = torch.randn(3, 4)
+    optimizer = AdamP([w], caution=True)
+    with pytest.raises(ValueError, match="caution=True runs on the single-tensor body"):
+        scaleinv_adamp.adamp([w], [w.grad], [torch.zeros_like(w)], [torch.zeros_like(w)],
+                             [torch.zeros(())], lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
+                             weight_decay=0.0, delta=0.1, wd_ratio=0.1, nesterov=False,
+                             maximize=False, caution=True, foreach=True)
+    optimizer.step()  # the class picks the single-tensor body itself

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from scaleinv.backends import choose
+from scaleinv.backends import choose, choose_cautious
 from scaleinv.distributed import check_flat_shard, remember_params
 from scaleinv.projection import validate_scale_invariant
 
@@ -154,8 +154,11 @@ class ScaleInvariantOptimizer(Optimizer):
                 check_grad(p, name)
                 if p not in self.state:
                     check_flat_shard(self, p, group)
-            bodies.append(choose(group["fused"], group["foreach"],
-                                 group.get("capturable", False), stepped))
+            if group.get("caution", False):  # only the single-tensor body has the mask
+                bodies.append(choose_cautious(stepped))
+            else:
+                bodies.append(choose(group["fused"], group["foreach"],
+                                     group.get("capturable", False), stepped))
         return bodies
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:

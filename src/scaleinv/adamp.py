@@ -24,6 +24,7 @@ from scaleinv._common import (
 from scaleinv.fused import fused_adamp
 from scaleinv.projection import (
     ScaleInvariant,
+    cautious_,
     project_radial_,
     radial_coefficients,
     select_view,
@@ -80,11 +81,15 @@ class AdamP(ScaleInvariantOptimizer):
             16-bit training then stays finite with the default ``eps`` (in 16 bits ``eps=1e-8``
             and small second moments underflow to 0, and ``m / (sqrt(v) + eps)`` becomes
             0/0), at 4 more bytes per element (2 moments). ``False``: state in the param's dtype.
+        caution: the cautious update of timm's ``cadamp``/``csgdp`` (Liang et al., 2024): update
+            entries whose sign disagrees with the gradient's are dropped and the rest rescaled,
+            in the spherical form on projected tensors (:func:`scaleinv.projection.cautious_`).
+            Runs on the single-tensor body (host decisions; slower on a GPU).
     """
 
     option_defaults: dict[str, Any] = dict(
         maximize=False, foreach=None, capturable=False, fused=None, scale_invariant="auto",
-        allow_flat_params=False, float32_state=True,
+        allow_flat_params=False, float32_state=True, caution=False,
     )
 
     def __init__(
@@ -105,13 +110,14 @@ class AdamP(ScaleInvariantOptimizer):
         allow_flat_params: bool = False,
         fused: bool | None = None,
         float32_state: bool = True,
+        caution: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, delta=delta,
             wd_ratio=wd_ratio, nesterov=nesterov, maximize=maximize, foreach=foreach,
             capturable=capturable, scale_invariant=scale_invariant,
             allow_flat_params=allow_flat_params, fused=fused,
-            float32_state=float32_state,
+            float32_state=float32_state, caution=caution,
         )
         self.check_hyperparameters(defaults)
         super().__init__(params, defaults)
@@ -130,8 +136,9 @@ class AdamP(ScaleInvariantOptimizer):
         check_number("delta", options["delta"], low=0.0, low_open=True)
         check_number("wd_ratio", options["wd_ratio"], low=0.0, high=1.0, high_open=False)
         validate_scale_invariant(options["scale_invariant"])
-        if not isinstance(options.get("float32_state", True), bool):
-            raise TypeError(f"Invalid float32_state: {options['float32_state']!r}; expected a bool")
+        for flag in ("float32_state", "caution"):
+            if not isinstance(options.get(flag, False), bool):
+                raise TypeError(f"Invalid {flag}: {options[flag]!r}; expected a bool")
         if options["capturable"] and options["foreach"] is False:
             raise ValueError(
                 "capturable=True needs the sync-free multi-tensor body: pass foreach=True or None"
@@ -195,6 +202,7 @@ class AdamP(ScaleInvariantOptimizer):
                 weight_decay=group["weight_decay"], delta=group["delta"],
                 wd_ratio=group["wd_ratio"], nesterov=group["nesterov"],
                 maximize=group["maximize"], scale_invariant=group["scale_invariant"],
+                caution=group["caution"],
             )
         return loss
 
@@ -222,6 +230,7 @@ def adamp(
     backend: str | None = None,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
+    caution: bool = False,
 ) -> None:
     """Functional AdamP over lists of tensors (see :class:`AdamP` for the maths).
 
@@ -240,11 +249,16 @@ def adamp(
         lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, delta=delta,
         wd_ratio=wd_ratio, nesterov=nesterov, maximize=maximize, scale_invariant=scale_invariant,
     )
+    if caution and backend != "reference":
+        raise ValueError(f"caution=True runs on the single-tensor body (backend='reference'), "
+                         f"not {backend!r}")
     if backend in ("reference", "foreach"):
         if skip_step(found_inf):
             return
         tensors[1] = unscaled(tensors[1], grad_scale)
         body = _single_tensor_adamp if backend == "reference" else _multi_tensor_adamp
+        if caution:
+            hyper["caution"] = True
         body(*tensors, capturable=capturable, **hyper)
         return
     left = fused_adamp(*tensors, backend=None if backend == "fused" else backend,
@@ -260,7 +274,7 @@ def _single_tensor_adamp(
     params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor], state_steps: list[Tensor], *, capturable: bool, lr: float,
     beta1: float, beta2: float, eps: float, weight_decay: float, delta: float, wd_ratio: float,
-    nesterov: bool, maximize: bool, scale_invariant: ScaleInvariant,
+    nesterov: bool, maximize: bool, scale_invariant: ScaleInvariant, caution: bool = False,
 ) -> None:
     for param, grad, exp_avg, exp_avg_sq, step_t in zip(
         params, grads, exp_avgs, exp_avg_sqs, state_steps, strict=True
@@ -291,6 +305,8 @@ def _single_tensor_adamp(
         if view is not None:
             project_radial_(perturb, param, view, eps)
             ratio = wd_ratio
+        if caution:
+            cautious_(perturb, grad, param, view, eps)
 
         if weight_decay != 0:
             param.mul_(1 - lr * weight_decay * ratio)

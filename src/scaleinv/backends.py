@@ -41,7 +41,8 @@ from torch.optim.optimizer import _default_to_fused_or_foreach
 
 from scaleinv.distributed import is_dtensor, row_shard_group
 
-__all__ = ["BACKENDS", "ENV_VAR", "Backend", "available_backends", "choose", "first_that_runs",
+__all__ = ["BACKENDS", "ENV_VAR", "Backend", "available_backends", "choose", "choose_cautious",
+           "first_that_runs",
            "forced_backend", "fused_backend", "fused_backends"]
 
 ENV_VAR = "SCALEINV_BACKEND"
@@ -214,3 +215,14 @@ def choose(fused: bool | None, foreach: bool | None, capturable: bool,
     if resolve_fused(fused, foreach, params):
         return "fused"
     return "foreach" if resolve_foreach(foreach, capturable, params) else "reference"
+
+
+def choose_cautious(params: list[Tensor]) -> str:
+    """The body of a ``caution=True`` group: the single-tensor one (an error if
+    ``SCALEINV_BACKEND`` forces another)."""
+    forced = forced_backend()
+    if forced not in (None, "reference"):
+        raise ValueError(f"{ENV_VAR}={forced!r}: caution=True runs on the 'reference' body only")
+    choose(None, False, False, params)  # the checks every step makes (meta tensors)
+    return "reference"
+

@@ -246,3 +246,20 @@ def weight_decay_ratio(projected: Tensor, wd_ratio: float, dtype: torch.dtype) -
     one = torch.ones((), dtype=accumulation_dtype(dtype), device=projected.device)
     return torch.where(projected, wd_ratio, one)
 
+
+def cautious_(update: Tensor, grad: Tensor, w: Tensor, view: View | None, eps: float) -> Tensor:
+    """The cautious update (Liang et al., 2024; timm's ``caution=True``), in place.
+
+    Entries of ``update`` whose sign disagrees with the gradient's are zeroed and the rest
+    rescaled by the fraction kept: ``update <- update * m / max(mean(m), 1e-3)`` with
+    ``m = [update * d > 0]``. Where ``update`` was projected on ``view`` (the spherical form),
+    ``d`` is the gradient with its radial part removed and the result is projected again;
+    otherwise ``d = grad``.
+    """
+    direction = grad if view is None else project_radial_(grad.clone(), w, view, eps)
+    mask = (update * direction > 0).to(update.dtype)
+    update.mul_(mask.div_(mask.mean().clamp_(min=1e-3)))
+    if view is not None:
+        project_radial_(update, w, view, eps)
+    return update
+

@@ -20,6 +20,7 @@ from scaleinv._common import (
 from scaleinv.fused import fused_sgdp
 from scaleinv.projection import (
     ScaleInvariant,
+    cautious_,
     project_radial_,
     radial_coefficients,
     select_view,
@@ -70,11 +71,15 @@ class SGDP(ScaleInvariantOptimizer):
             16-bit training then stays finite with the default ``eps`` (in 16 bits ``eps=1e-8``
             and small second moments underflow to 0, and ``m / (sqrt(v) + eps)`` becomes
             0/0), at 4 more bytes per element (1 buffer). ``False``: state in the param's dtype.
+        caution: the cautious update of timm's ``cadamp``/``csgdp`` (Liang et al., 2024): update
+            entries whose sign disagrees with the gradient's are dropped and the rest rescaled,
+            in the spherical form on projected tensors (:func:`scaleinv.projection.cautious_`).
+            Runs on the single-tensor body (host decisions; slower on a GPU).
     """
 
     option_defaults: dict[str, Any] = dict(
         project_momentum=False, maximize=False, foreach=None, fused=None,
-        scale_invariant="auto", allow_flat_params=False, float32_state=True,
+        scale_invariant="auto", allow_flat_params=False, float32_state=True, caution=False,
     )
 
     def __init__(
@@ -96,13 +101,14 @@ class SGDP(ScaleInvariantOptimizer):
         allow_flat_params: bool = False,
         fused: bool | None = None,
         float32_state: bool = True,
+        caution: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
             nesterov=nesterov, eps=eps, delta=delta, wd_ratio=wd_ratio,
             project_momentum=project_momentum, maximize=maximize, foreach=foreach,
             scale_invariant=scale_invariant, allow_flat_params=allow_flat_params, fused=fused,
-            float32_state=float32_state,
+            float32_state=float32_state, caution=caution,
         )
         self.check_hyperparameters(defaults)
         super().__init__(params, defaults)
@@ -122,8 +128,12 @@ class SGDP(ScaleInvariantOptimizer):
         if options["nesterov"] and momentum != 0 and dampening != 0:
             raise ValueError("Nesterov momentum requires zero dampening")
         validate_scale_invariant(options["scale_invariant"])
-        if not isinstance(options.get("float32_state", True), bool):
-            raise TypeError(f"Invalid float32_state: {options['float32_state']!r}; expected a bool")
+        if options.get("caution") and options["project_momentum"]:
+            raise ValueError("caution=True cannot be combined with project_momentum=True (the "
+                             "mask applies to the update, not the stored buffer)")
+        for flag in ("float32_state", "caution"):
+            if not isinstance(options.get(flag, False), bool):
+                raise TypeError(f"Invalid {flag}: {options[flag]!r}; expected a bool")
         if options["fused"] and options["foreach"]:
             raise ValueError("fused=True and foreach=True cannot be used together")
 
@@ -159,6 +169,7 @@ class SGDP(ScaleInvariantOptimizer):
                 eps=group["eps"], delta=group["delta"], wd_ratio=group["wd_ratio"],
                 project_momentum=group["project_momentum"], maximize=group["maximize"],
                 scale_invariant=group["scale_invariant"],
+                caution=group["caution"],
             )
         return loss
 
@@ -184,6 +195,7 @@ def sgdp(
     backend: str | None = None,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
+    caution: bool = False,
 ) -> None:
     """Functional SGDP over lists of tensors (see :class:`SGDP` for the maths; ``backend``,
     ``fused``, ``foreach``, ``grad_scale`` and ``found_inf`` as in
@@ -198,11 +210,16 @@ def sgdp(
         nesterov=nesterov, eps=eps, delta=delta, wd_ratio=wd_ratio,
         project_momentum=project_momentum, maximize=maximize, scale_invariant=scale_invariant,
     )
+    if caution and backend != "reference":
+        raise ValueError(f"caution=True runs on the single-tensor body (backend='reference'), "
+                         f"not {backend!r}")
     if backend in ("reference", "foreach"):
         if skip_step(found_inf):
             return
         tensors[1] = unscaled(tensors[1], grad_scale)
         body = _single_tensor_sgdp if backend == "reference" else _multi_tensor_sgdp
+        if caution:
+            hyper["caution"] = True
         body(*tensors, **hyper)
         return
     left = fused_sgdp(*tensors, backend=None if backend == "fused" else backend,
@@ -217,7 +234,7 @@ def _single_tensor_sgdp(
     params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor], *, lr: float,
     momentum: float, dampening: float, weight_decay: float, nesterov: bool, eps: float,
     delta: float, wd_ratio: float, project_momentum: bool, maximize: bool,
-    scale_invariant: ScaleInvariant,
+    scale_invariant: ScaleInvariant, caution: bool = False,
 ) -> None:
     for param, grad, buf in zip(params, grads, momentum_buffers, strict=True):
         if maximize:
@@ -230,11 +247,15 @@ def _single_tensor_sgdp(
 
         ratio = 1.0
         view = select_view(param, grad, scale_invariant, delta, eps)
+        if caution and update is buf:
+            update = buf.clone(memory_format=torch.preserve_format)
         if view is not None:
             if update is buf and not project_momentum:
                 update = buf.clone(memory_format=torch.preserve_format)
             project_radial_(update, param, view, eps)
             ratio = wd_ratio
+        if caution:
+            cautious_(update, grad, param, view, eps)
 
         if weight_decay != 0:
             param.mul_(1 - lr * weight_decay * ratio / (1 - momentum))

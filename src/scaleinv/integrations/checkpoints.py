@@ -3,7 +3,8 @@
 ``load_state_dict`` passes every state_dict through :func:`migrate` first. A checkpoint of one
 of these continues with the same state:
 
-* ``adamp`` 0.3.0, ``torch-optimizer`` and timm (``caution=False``): the same keys as ours;
+* ``adamp`` 0.3.0, ``torch-optimizer`` and timm (also ``caution=True``, which our
+  ``caution`` option reproduces): the same keys as ours;
 * ``torch.optim.SGD`` into SGDP: ``momentum_buffer`` is SGDP's ``momentum`` buffer (same
   recurrence);
 * ``torch.optim.Adam`` (no weight decay, or ``decoupled_weight_decay=True``) and ``AdamW`` into
@@ -91,13 +92,6 @@ def migrate(state_dict: dict[str, Any], optimizer: str) -> dict[str, Any]:
                     "Set each state_dict['param_groups'][i]['weight_decay'] to the decoupled "
                     "decay you want AdamP to use (0 for none), then load it.",
                 )
-        if source == "timm" and group.pop("caution"):
-            refuse(
-                "caution=True (timm's cadamp/csgdp) masks the update, which scaleinv does "
-                "not implement",
-                "Continue with timm's optimizer, or set every group's 'caution' to False "
-                "to continue without the mask.",
-            )
         if source == "pytorch_optimizer":
             if group["weight_decay"] != 0 and (
                 not group.pop("weight_decouple", True) or group.pop("fixed_decay", False)

@@ -15,7 +15,7 @@ the ``"adamp"`` and ``"sgdp"`` entries of timm's registry (``timm.optim._optim_f
 ``timm_defaults=True`` (the default) the entries keep timm's defaults, so a timm training
 script runs the same algorithm as before; ``timm_defaults=False`` uses scaleinv's (the paper's:
 ``wd_ratio=0.1, nesterov=False``). timm's ``caution=True`` variants (``"cadamp"``,
-``"csgdp"``) are left to timm: scaleinv does not implement the cautious mask.
+``"csgdp"``) become scaleinv's classes with ``caution=True``.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ __all__ = ["register", "TIMM_DEFAULTS"]
 TIMM_DEFAULTS: dict[str, dict[str, Any]] = {
     "adamp": {"wd_ratio": 0.01, "nesterov": True},
     "sgdp": {"nesterov": True},
+    "cadamp": {"wd_ratio": 0.01, "nesterov": True, "caution": True},
+    "csgdp": {"nesterov": True, "caution": True},
 }
 
 
@@ -48,7 +50,8 @@ def _optim_factory() -> Any:
 
 
 def register(*, timm_defaults: bool = True) -> None:
-    """Make ``timm.optim.create_optimizer_v2(model, "adamp" | "sgdp")`` build scaleinv's classes.
+    """Make ``timm.optim.create_optimizer_v2(model, "adamp" | "sgdp" | "cadamp" | "csgdp")``
+    build scaleinv's classes.
 
     Args:
         timm_defaults: keep timm's defaults for these names (``adamp``: ``wd_ratio=0.01,
@@ -66,8 +69,15 @@ def register(*, timm_defaults: bool = True) -> None:
         ("sgdp", SGDP, "scaleinv.SGDP: SGD with momentum, radial part of the update removed on "
          "scale-invariant weights", dict(has_momentum=True)),
     ]
+    entries += [
+        (f"c{name}", cls, f"{description}, cautious update (caution=True)", flags)
+        for name, cls, description, flags in entries
+    ]
     for name, cls, description, flags in entries:
-        defaults = dict(TIMM_DEFAULTS[name]) if timm_defaults else None
+        if timm_defaults:
+            defaults: dict[str, Any] | None = dict(TIMM_DEFAULTS[name])
+        else:
+            defaults = {"caution": True} if name.startswith("c") else None
         factory.default_registry.register(
             factory.OptimInfo(name=name, opt_class=cls, description=description,
                               defaults=defaults, **flags)
