@@ -280,8 +280,7 @@ class ProjectedOptimizer(Optimizer):
             if plan.saved_weight_decay is not None:
                 plan.group["weight_decay"] = 0.0
             if plan.predecayed:
-                torch._foreach_mul_(  # pyright: ignore[reportPrivateImportUsage]
-                    plan.predecayed, 1 - plan.decay)
+                torch._foreach_mul_(plan.predecayed, 1 - plan.decay)
         try:
             self._base_step()
         finally:
