@@ -20,6 +20,7 @@ EXTRA_HINT = "pip install 'scaleinv[experiments]'"
 def _missing() -> list[str]:
     missing = []
     for name in REQUIRED:
+        found: object
         try:
             found = sys.modules.get(name, ...) is not None and importlib.util.find_spec(name)
         except ValueError:  # a module object without a spec

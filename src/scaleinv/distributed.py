@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeGuard, cast
 
 import torch
 from torch import Tensor
@@ -32,13 +32,13 @@ __all__ = [
     "remember_params", "row_shard_group", "rows_max",
 ]
 
-if torch.distributed.is_available():
-    from torch.distributed.tensor import DTensor, Partial, Replicate
+if TYPE_CHECKING or torch.distributed.is_available():
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 else:  # a torch build without torch.distributed has no DTensor either
-    DTensor = None  # type: ignore[assignment,misc]
+    DTensor = None
 
 
-def is_dtensor(x: Tensor) -> bool:
+def is_dtensor(x: Tensor) -> TypeGuard[DTensor]:
     """Whether ``x`` is a ``torch.distributed.tensor.DTensor`` (FSDP2 parameters are)."""
     return DTensor is not None and isinstance(x, DTensor)
 
@@ -51,7 +51,8 @@ def row_shard_group(x: Tensor) -> Any:
         return None
     placements = x.placements
     sharded = [i for i, p in enumerate(placements) if p.is_shard()]
-    if len(sharded) != 1 or placements[sharded[0]].dim != 0:  # type: ignore[attr-defined]
+    # is_shard() is true of Shard placements only, which the type checkers cannot follow.
+    if len(sharded) != 1 or cast("Shard", placements[sharded[0]]).dim != 0:
         return None
     if not all(p.is_shard() or p.is_replicate() for p in placements):
         return None
@@ -96,7 +97,7 @@ _BUILT_WITH = "_scaleinv_built_with"
 
 
 def _built_with(optimizer: Any) -> _BuiltWith:
-    record = optimizer.__dict__.get(_BUILT_WITH)
+    record: _BuiltWith | None = optimizer.__dict__.get(_BUILT_WITH)
     if record is None:  # e.g. an unpickled optimizer: take its groups as they are now
         record = _BuiltWith()
         optimizer.__dict__[_BUILT_WITH] = record

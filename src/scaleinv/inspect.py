@@ -35,7 +35,7 @@ import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeAlias, cast, overload
 
 import torch
 from torch import Tensor, nn
@@ -68,7 +68,7 @@ class Invariance(str, enum.Enum):
     @property
     def scale_invariant(self) -> Literal["channel", "layer"] | bool:
         """The optimizers' per-group annotation: ``"channel"``, ``"layer"`` or ``False``."""
-        return False if self is Invariance.NONE else self.value  # type: ignore[return-value]
+        return False if self is Invariance.NONE else self.value
 
     @property
     def describe(self) -> str:
@@ -279,7 +279,9 @@ class _Recorder(TorchFunctionMode):
             return {k: self._convert(v) for k, v in value.items()}
         return value
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+    def __torch_function__(self, func: Callable[..., Any], types: Sequence[type],
+                           args: tuple[Any, ...] = (),
+                           kwargs: dict[str, Any] | None = None) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         if self.error is None:
@@ -289,7 +291,7 @@ class _Recorder(TorchFunctionMode):
                 self.error = f"could not record {_op_name(func)}: {type(exc).__name__}: {exc}"
         return out
 
-    def _record(self, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
+    def _record(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
         name = _op_name(func)
         if name == "__setitem__":
             results = [args[0]]
@@ -389,7 +391,7 @@ def _record_forward(model: nn.Module, run: Callable[[], Any],
 # Additive constants this small are taken for an epsilon (``w / (w.std() + 1e-5)``).
 _NEGLIGIBLE = 1e-3
 
-Axes = frozenset[int]
+Axes: TypeAlias = frozenset[int]
 
 
 @dataclass(frozen=True)
@@ -418,7 +420,8 @@ class _Absorbed:
     state: _Scaled
 
 
-_State = _Scaled | _Broken | None  # None: unchanged by the rescaling
+_State: TypeAlias = _Scaled | _Broken | None  # None: unchanged by the rescaling
+_Result: TypeAlias = _State | _Absorbed  # what a rule gives one output
 
 
 def _union(a: Axes | None, b: Axes | None) -> Axes | None:
@@ -433,6 +436,10 @@ def _live_axes(ref: _Ref, out_rank: int) -> Axes:
     return frozenset(a + shift for a, n in enumerate(ref.shape) if n != 1)
 
 
+@overload
+def _keep_live(axes: Axes, shape: tuple[int, ...]) -> Axes: ...
+@overload
+def _keep_live(axes: Axes | None, shape: tuple[int, ...]) -> Axes | None: ...
 def _keep_live(axes: Axes | None, shape: tuple[int, ...]) -> Axes | None:
     if axes is None:
         return None
@@ -446,6 +453,12 @@ def _shift(s: _Scaled, shift: int) -> _Scaled:
     return dataclasses.replace(s, varying=frozenset(a + shift for a in s.varying), offset=offset)
 
 
+@overload
+def _remap(axes: Axes, mapping: Callable[[int], int | None]) -> Axes: ...
+@overload
+def _remap(axes: None, mapping: Callable[[int], int | None]) -> None: ...
+@overload
+def _remap(axes: Axes | None, mapping: Callable[[int], int | None]) -> Axes | None: ...
 def _remap(axes: Axes | None, mapping: Callable[[int], int | None]) -> Axes | None:
     if axes is None:
         return None
@@ -730,15 +743,16 @@ def _split(op: _Op, name: str, s: _Scaled, rank: int) -> list[_Scaled]:
 def _cat(op: _Op, name: str, st: Callable[[Any], _State]) -> _Scaled:
     tensors = op.arg(0, "tensors")
     states = [st(t) for t in tensors]
-    first = states[0]
-    if not all(isinstance(s, _Scaled) for s in states) or any(
-        s.varying != first.varying or s.degree != first.degree for s in states
+    scaled = [s for s in states if isinstance(s, _Scaled)]
+    if len(scaled) != len(states) or any(
+        s.varying != scaled[0].varying or s.degree != scaled[0].degree for s in scaled
     ):
         raise _BreakError(_TWO)
+    first = scaled[0]
     rank = op.outputs[0].rank
     dim = _norm_dim(op.arg(1, "dim", 0), rank)
     offset = first.offset
-    for s in states[1:]:
+    for s in scaled[1:]:
         offset = _union(offset, s.offset)
     if name == "stack":
         shift = {a: (a if a < dim else a + 1) for a in range(rank)}
@@ -827,7 +841,7 @@ def _add(op: _Op, st: Callable[[Any], _State], swapped: bool) -> _Scaled:
     return dataclasses.replace(s, offset=_union(s.offset, frozenset()))
 
 
-def _mul(op: _Op, st: Callable[[Any], _State]) -> _State:
+def _mul(op: _Op, st: Callable[[Any], _State]) -> _Result:
     a, b = _operands(op, False)
     rank = op.outputs[0].rank
     sa, sb = _aligned(st, a, rank), _aligned(st, b, rank)
@@ -843,7 +857,7 @@ def _mul(op: _Op, st: Callable[[Any], _State]) -> _State:
     return s
 
 
-def _div(op: _Op, st: Callable[[Any], _State], swapped: bool) -> _State:
+def _div(op: _Op, st: Callable[[Any], _State], swapped: bool) -> _Result:
     a, b = _operands(op, swapped)
     rank = op.outputs[0].rank
     sa = _aligned(st, a, rank) if isinstance(a, _Ref) else None
@@ -860,7 +874,7 @@ def _div(op: _Op, st: Callable[[Any], _State], swapped: bool) -> _State:
     return dataclasses.replace(sb, degree=-sb.degree)
 
 
-def _combine(sa: _Scaled, sb: _Scaled, degree_b: float) -> _State:
+def _combine(sa: _Scaled, sb: _Scaled, degree_b: float) -> _Result:
     """The product of two rescaled values: ``c^(k_a + degree_b)``; degree 0 means invariant."""
     if sa.offset is not None or sb.offset is not None or sa.varying != sb.varying:
         raise _BreakError(_TWO)
@@ -953,7 +967,7 @@ def _matmul(op: _Op, st: Callable[[Any], _State], rank: int) -> _Scaled:
             raise _BreakError(_TWO)
         return dataclasses.replace(sa, degree=sa.degree + sb.degree)
     if a.rank < 2 or b.rank < 2:
-        s = sa if isinstance(sa, _Scaled) else sb
+        s = cast(_Scaled, sa if isinstance(sa, _Scaled) else sb)  # one input is rescaled
         if s.varying:
             raise _BreakError(_MIXES)
         return s
@@ -992,7 +1006,7 @@ def _embedding(op: _Op, st: Callable[[Any], _State], rank: int) -> _Scaled:
 
 
 def _normalization(op: _Op, name: str, st: Callable[[Any], _State], sx: _State,
-                   x: _Ref) -> _State:
+                   x: _Ref) -> _Result:
     if name == "_weight_norm":
         return _weight_norm(op, st)
     s = _only_first(op, st, sx)
@@ -1035,7 +1049,7 @@ def _normalization(op: _Op, name: str, st: Callable[[Any], _State], sx: _State,
     return _Absorbed(s)
 
 
-def _weight_norm(op: _Op, st: Callable[[Any], _State]) -> _State:
+def _weight_norm(op: _Op, st: Callable[[Any], _State]) -> _Result:
     """``torch._weight_norm(v, g, dim) = g * v / |v|`` (norm over all axes but ``dim``;
     ``dim=-1``: the whole tensor)."""
     v, g = op.arg(0, "v"), op.arg(1, "g")
@@ -1202,9 +1216,13 @@ class _RandomProjection:
         return total
 
 
+# The cosine test's view (``None``: not projected), per-view max cosines and thresholds.
+_Cosine: TypeAlias = tuple[str | None, dict[str, float], dict[str, float]]
+
+
 def _cosine_tests(named: Sequence[tuple[str, Tensor]], grads: Mapping[str, Tensor | None],
-                  delta: float, eps: float) -> dict[str, tuple[Any, dict, dict]]:
-    results = {}
+                  delta: float, eps: float) -> dict[str, _Cosine]:
+    results: dict[str, _Cosine] = {}
     for name, p in named:
         g = grads.get(name)
         if p.dim() < 2 or p.numel() == 0 or g is None:  # never tested
@@ -1212,8 +1230,8 @@ def _cosine_tests(named: Sequence[tuple[str, Tensor]], grads: Mapping[str, Tenso
             continue
         w = p.detach()
         view = select_view(w, g, "auto", delta, eps)
-        cosines = {v: float(max_cosine(w, g, v, eps)) for v in VIEWS}
-        thresholds = {v: threshold(w, v, delta) for v in VIEWS}
+        cosines: dict[str, float] = {v: float(max_cosine(w, g, v, eps)) for v in VIEWS}
+        thresholds: dict[str, float] = {v: threshold(w, v, delta) for v in VIEWS}
         results[name] = (view, cosines, thresholds)
     return results
 
@@ -1344,7 +1362,7 @@ def _gradients(named: Sequence[tuple[str, Tensor]], forward: Callable[[], Any],
 
 def _inspect_one(name: str, p: Tensor, trace: _Trace, forward: Callable[[], Any],
                  reference: Sequence[Tensor], generator: torch.Generator, rtol: float,
-                 cosine: tuple[Any, dict, dict]) -> ParamInvariance:
+                 cosine: _Cosine) -> ParamInvariance:
     shape = tuple(p.shape)
     view, cosines, thresholds = cosine
     if p.dim() < 2:

@@ -357,10 +357,11 @@ def _projection_settings(optimizer: Optimizer,
     if "delta" not in group or "scale_invariant" not in group:
         return None
     base = getattr(optimizer, "base", None)
+    wrapper_eps: Any = getattr(optimizer, "eps", None)
     if isinstance(optimizer, (AdamP, SGDP)) or isinstance(base, (AdamP, SGDP)):
         eps = group["eps"]
-    elif isinstance(base, Optimizer) and type(getattr(optimizer, "eps", None)) in (int, float):
-        eps = optimizer.eps
+    elif isinstance(base, Optimizer) and type(wrapper_eps) in (int, float):
+        eps = wrapper_eps
     else:
         return None
     return group["scale_invariant"], group["delta"], eps

@@ -25,7 +25,7 @@ from scaleinv.monitor import load_records
 
 __all__ = ["norm_and_step_curves", "plot_norms_and_steps"]
 
-Log = Sequence[Mapping[str, Any]] | str | os.PathLike
+Log = Sequence[Mapping[str, Any]] | str | os.PathLike[str]
 
 SCALE_INVARIANT_KINDS = ("channel", "layer")
 
@@ -33,11 +33,13 @@ SCALE_INVARIANT_KINDS = ("channel", "layer")
 def _as_records(log: Log) -> Sequence[Mapping[str, Any]]:
     if isinstance(log, (str, os.PathLike)):
         return load_records(log)
-    if isinstance(log, Sequence):
-        return log
-    raise TypeError(
-        f"a log must be a list of monitor records or a CSV/JSONL path, got {type(log).__name__}"
-    )
+    records = log  # a new name: mypy would put ``str`` back in ``log``'s narrowed type below
+    if not isinstance(records, Sequence):
+        raise TypeError(
+            f"a log must be a list of monitor records or a CSV/JSONL path, "
+            f"got {type(records).__name__}"
+        )
+    return records
 
 
 def _selected(records: Sequence[Mapping[str, Any]],

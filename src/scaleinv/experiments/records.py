@@ -64,7 +64,8 @@ class RunResult:
 
     def to_json(self) -> dict[str, Any]:
         """The run as a strict-JSON-ready dict (non-finite numbers become ``None``)."""
-        return strict(asdict(self))
+        row: dict[str, Any] = strict(asdict(self))
+        return row
 
     @classmethod
     def from_json(cls, row: dict[str, Any]) -> RunResult:
@@ -72,12 +73,14 @@ class RunResult:
         values = {f.name: row[f.name] for f in fields(cls) if f.name in row}
         for key in ("metric", "norm_ratio", "effective_step", "projected_fraction", "wall_time"):
             values[key] = _number(values.get(key))
-        values["history"] = [
-            EpochStats(**{k: (_number(v) if k not in ("epoch", "step") else v)
-                          for k, v in epoch.items()})
-            for epoch in row.get("history", [])
-        ]
+        values["history"] = [_epoch_from_json(epoch) for epoch in row.get("history", [])]
         return cls(**values)
+
+
+def _epoch_from_json(epoch: dict[str, Any]) -> EpochStats:
+    values: dict[str, Any] = {k: (_number(v) if k not in ("epoch", "step") else v)
+                              for k, v in epoch.items()}
+    return EpochStats(**values)
 
 
 def _number(value: Any) -> float:

@@ -131,7 +131,7 @@ def train_run(
                     diverged = True
                     break
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                loss.backward()  # type: ignore[no-untyped-call]
                 optimizer.step()
                 losses.append(loss.item())
                 step += 1

@@ -32,14 +32,16 @@ CONVERGED_DEGREES = 1.0
 
 def toy_loss(w: Tensor, target: Tensor) -> Tensor:
     """``-<w/|w|, w*/|w*|>``: depends only on the direction of ``w``."""
-    return -(w / w.norm() * (target / target.norm())).sum()
+    loss: Tensor = -(w / w.norm() * (target / target.norm())).sum()  # Tensor `/` is untyped
+    return loss
 
 
 def toy_gradient(w: np.ndarray, target: np.ndarray) -> np.ndarray:
     """The analytic gradient of :func:`toy_loss`: ``-(u* - <u*, u> u) / |w|``."""
     norm = np.linalg.norm(w)
     u, u_star = w / norm, target / np.linalg.norm(target)
-    return -(u_star - (u_star @ u) * u) / norm
+    gradient: np.ndarray = -(u_star - (u_star @ u) * u) / norm
+    return gradient
 
 
 @dataclass
@@ -53,12 +55,15 @@ class ToyRun:
 
     @property
     def norms(self) -> np.ndarray:
-        return np.linalg.norm(self.trajectory, axis=1)
+        norms: np.ndarray = np.linalg.norm(self.trajectory, axis=1)
+        return norms
 
     @property
     def angles(self) -> np.ndarray:
         """Angle to the target, in degrees, at every step."""
-        return np.degrees(np.abs(np.arctan2(self.trajectory[:, 1], self.trajectory[:, 0])))
+        angles: np.ndarray = np.degrees(
+            np.abs(np.arctan2(self.trajectory[:, 1], self.trajectory[:, 0])))
+        return angles
 
     @property
     def steps_to_converge(self) -> int | None:
@@ -84,7 +89,7 @@ def run_toy(
     trajectory = [w.detach()[0].clone()]
     for _ in range(steps):
         optimizer.zero_grad()
-        toy_loss(w, target).backward()
+        toy_loss(w, target).backward()  # type: ignore[no-untyped-call]
         optimizer.step()
         trajectory.append(w.detach()[0].clone())
     name = "GD" if momentum == 0 else f"GD + momentum {momentum:g}"
