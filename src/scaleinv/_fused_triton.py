@@ -39,6 +39,7 @@ import struct
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Generic, TypeAlias, TypeVar
 
 import torch
 import triton
@@ -125,7 +126,7 @@ def _power(base_hi, base_lo, exponent):
     base = tl.cast(base_hi, tl.float64) + tl.cast(base_lo, tl.float64)
     n = exponent.to(tl.int64)
     result = base * 0.0 + 1.0
-    for _ in tl.static_range(25):  # float32 counters stop at 2^24
+    for _ in tl.static_range(25):  # pyright: ignore[reportGeneralTypeIssues]  # 2^24: float32
         result = tl.where((n & 1) == 1, result * base, result)
         base = base * base
         n = n >> 1
@@ -172,10 +173,10 @@ def _row(table, meta, row_tensor, r, K, DTYPE: tl.constexpr, STATE_DTYPE: tl.con
     first_row = tl.load(meta + _K_META * t + 3)
     start = (r - first_row) * row_len
     length = tl.minimum(row_len, numel - start)
-    kind = tl.pointer_type(DTYPE)
+    kind = tl.pointer_type(DTYPE)  # pyright: ignore[reportArgumentType]
     w = tl.load(table + t).to(kind) + start
     g = tl.load(table + K + t).to(kind) + start
-    state_kind = tl.pointer_type(STATE_DTYPE)
+    state_kind = tl.pointer_type(STATE_DTYPE)  # pyright: ignore[reportArgumentType]
     a = tl.load(table + 2 * K + t).to(state_kind) + start
     b = tl.load(table + 3 * K + t).to(state_kind) + start
     return t, mode, length, w, g, a, b
@@ -365,7 +366,7 @@ class _Plan:
 
 
 def _layout_key(params: list[Tensor], modes: list[int], delta: float,
-                whole: list[torch.Size] | None) -> tuple:
+                whole: list[torch.Size] | None) -> _Key:
     return (params[0].device, delta, PLAIN_ROW, tuple(p.shape for p in params), tuple(modes),
             None if whole is None else tuple(whole))
 
@@ -418,16 +419,20 @@ class Shards:
     all_reduce: Callable[[Tensor], None]
 
 
-class _Cache:
+_Key: TypeAlias = tuple[Any, ...]
+_V = TypeVar("_V")
+
+
+class _Cache(Generic[_V]):
     """A few recent entries by key. Entries made while a CUDA graph is being captured are kept
     for good: the graph reads their tensors on every replay."""
 
     def __init__(self, size: int) -> None:
         self._size = size
-        self._recent: OrderedDict[tuple, object] = OrderedDict()
-        self._captured: dict[tuple, object] = {}
+        self._recent: OrderedDict[_Key, _V] = OrderedDict()
+        self._captured: dict[_Key, _V] = {}
 
-    def get(self, key: tuple, build) -> object:  # type: ignore[no-untyped-def]
+    def get(self, key: _Key, build: Callable[[], _V]) -> _V:
         if key in self._captured:
             return self._captured[key]
         if key in self._recent:
@@ -443,8 +448,8 @@ class _Cache:
         return value
 
 
-_PLANS = _Cache(16)
-_POINTERS = _Cache(16)
+_PLANS: _Cache[_Plan] = _Cache(16)
+_POINTERS: _Cache[Tensor] = _Cache(16)
 
 
 _CAPTURED_SOURCES: list[Tensor] = []  # pinned sources of copies that a CUDA graph replays
@@ -460,7 +465,7 @@ def _copy_to(host: Tensor, device: torch.device) -> Tensor:
     return host.to(device, non_blocking=True)
 
 
-def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> Tensor:
+def _to_device(values: list[Any], dtype: torch.dtype, device: torch.device) -> Tensor:
     return _copy_to(torch.tensor(values, dtype=dtype), device)
 
 
@@ -491,7 +496,7 @@ def _launch(
     ``shards``: where ``params`` are row shards, the whole shapes and how to all-reduce."""
     device = params[0].device
     whole = None if shards is None else shards.whole
-    plan: _Plan = _PLANS.get(  # type: ignore[assignment]
+    plan = _PLANS.get(
         _layout_key(params, modes, delta, whole),
         lambda: _build_plan(params, modes, delta, whole))
     table = _pointer_table([params, grads, states_a, states_b or states_a, counters or params],
@@ -511,9 +516,10 @@ def _launch(
         _first_pass[(plan.looped_rows.numel(),)](
             table, plan.meta, plan.row_tensor, plan.looped_rows, stats, scalar_table, K,
             c1, c2, eps, sign, *step, amp if amp is not None else stats, BLOCK=BLOCK,
-            num_warps=NUM_WARPS, **common)
+            num_warps=NUM_WARPS, **common)  # pyright: ignore[reportCallIssue]  # a launch option
     if plan.decided.numel():
-        decide = _decide[(plan.decided.numel(),)]
+        # Triton's types take constexpr arguments for the kernel's constexpr values.
+        decide: Callable[..., None] = _decide[(plan.decided.numel(),)]
         tables = (plan.meta, plan.thresholds, plan.decided, stats)
         if shards is None:
             decide(*tables, stats, views, eps, K, PHASE=0, BLOCK=DECIDE_BLOCK)
@@ -527,7 +533,7 @@ def _launch(
             table, plan.meta, plan.row_tensor, plan.second_rows, stats, views, scalar_table, K,
             c1, eps, sign, *step, amp if amp is not None else stats,
             PROJECT_BUFFER=project_buffer, BLOCK=BLOCK,
-            num_warps=NUM_WARPS, **common)
+            num_warps=NUM_WARPS, **common)  # pyright: ignore[reportCallIssue]  # a launch option
 
 
 def _amp_array(grad_scale: Tensor | None, found_inf: Tensor | None,

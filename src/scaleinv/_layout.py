@@ -7,7 +7,7 @@ tensors a kernel takes can be made while ``torch.compile`` traces a step.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor
@@ -16,6 +16,9 @@ from torch.optim import Optimizer
 from scaleinv._constants import MODE_OF_ANNOTATION, MODE_PLAIN
 from scaleinv.distributed import is_dtensor, row_shard_group
 from scaleinv.projection import ScaleInvariant
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 __all__ = ["as_real", "group_by_device_and_dtype", "local_rows", "modes", "native_gradient",
            "native_takes", "row_views", "split_triton"]
@@ -49,7 +52,8 @@ def modes(params: list[Tensor], scale_invariant: ScaleInvariant) -> list[int]:
 
 def row_order(t: Tensor) -> tuple[int, ...]:
     """Dims of ``t`` from the outermost in memory to the innermost, dim 0 first."""
-    return (0, *sorted(range(1, t.dim()), key=lambda i: -t.stride(i)))
+    strides = t.stride()
+    return (0, *sorted(range(1, t.dim()), key=lambda i: -strides[i]))
 
 
 def rows(t: Tensor, order: tuple[int, ...]) -> Tensor | None:
@@ -159,7 +163,7 @@ def local_rows(tensors: tuple[Tensor, ...]) -> list[Tensor]:
     """A row shard's local ``[w, g, *states]`` as ``[n_local, d]`` tensors (FSDP2 keeps them
     contiguous; an empty shard gives ``[0, d]``)."""
     d = tensors[0].shape[1:].numel()
-    local = [t.to_local() for t in tensors]
+    local = [cast("DTensor", t).to_local() for t in tensors]  # row shards are DTensors
     if not all(t.is_contiguous() for t in local):
         raise RuntimeError(
             "scaleinv's fused step needs contiguous local shards of a row-sharded DTensor "

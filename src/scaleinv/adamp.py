@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, TypeAlias, cast, overload
 
 import torch
 from torch import Tensor
@@ -173,6 +173,10 @@ class AdamP(ScaleInvariantOptimizer):
             exp_avg_sqs.append(state["exp_avg_sq"])
             steps.append(state["step"])
 
+    @overload
+    def step(self, closure: None = None) -> None: ...
+    @overload
+    def step(self, closure: Callable[[], float]) -> float: ...
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """Perform one optimisation step; ``closure`` re-evaluates the model, returns the loss."""
@@ -310,7 +314,11 @@ def _single_tensor_adamp(
 
         if weight_decay != 0:
             param.mul_(1 - lr * weight_decay * ratio)
-        param.add_(perturb, alpha=-step_size)
+        param.add_(perturb, alpha=-step_size)  # type: ignore[arg-type]  # a tensor when compiling
+
+
+# What torch._foreach_* take and give (the out-of-place ones return tuples).
+_TensorList: TypeAlias = list[Tensor] | tuple[Tensor, ...]
 
 
 def _multi_tensor_adamp(
@@ -322,7 +330,10 @@ def _multi_tensor_adamp(
     grouped = Optimizer._group_tensors_by_device_and_dtype(
         [params, grads, exp_avgs, exp_avg_sqs, state_steps]  # type: ignore[list-item]
     )
-    for (d_params, d_grads, d_exp_avgs, d_exp_avg_sqs, d_steps), _ in grouped.values():
+    for lists, _ in grouped.values():
+        # torch types the lists as holding None (its grads may be missing); ours are all tensors.
+        d_params, d_grads_in, d_exp_avgs, d_exp_avg_sqs, d_steps = cast(list[list[Tensor]], lists)
+        d_grads: _TensorList = d_grads_in
         d_params = [torch.view_as_real(p) if torch.is_complex(p) else p for p in d_params]
         d_exp_avgs = [torch.view_as_real(m) if torch.is_complex(m) else m for m in d_exp_avgs]
         d_exp_avg_sqs = [
@@ -348,7 +359,7 @@ def _multi_tensor_adamp(
             torch._foreach_add_(bias_correction2, 1)
             torch._foreach_sqrt_(bias_correction2)
             torch._foreach_div_(denom, bias_correction2)
-            step_sizes: list[Any] = torch._foreach_div(bias_correction1, lr)
+            step_sizes: list[Any] | tuple[Any, ...] = torch._foreach_div(bias_correction1, lr)
             torch._foreach_reciprocal_(step_sizes)
         else:
             step_counts = [step_value(s) for s in d_steps]

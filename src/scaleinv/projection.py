@@ -73,7 +73,7 @@ def validate_scale_invariant(value: object) -> ScaleInvariant:
         raise ValueError(
             f"Invalid scale_invariant: {value!r}; allowed: 'auto', 'channel', 'layer', False"
         )
-    return value  # type: ignore[return-value]
+    return value
 
 
 def max_cosine(w: Tensor, g: Tensor, view: View, eps: float) -> Tensor:
@@ -131,11 +131,14 @@ def project_radial_(update: Tensor, w: Tensor, view: View, eps: float) -> Tensor
 
 def _rowwise_dot(a: Tensor, b: Tensor) -> Tensor:
     dtype = accumulation_dtype(a.dtype)
-    return torch.linalg.vecdot(channel_view(a).to(dtype), channel_view(b).to(dtype))
+    dots: Tensor = torch.linalg.vecdot(channel_view(a).to(dtype), channel_view(b).to(dtype))
+    return dots
 
 
 def _row_norms(x: Tensor) -> Tensor:
-    return torch.linalg.vector_norm(channel_view(x), dim=1, dtype=accumulation_dtype(x.dtype))
+    norms: Tensor = torch.linalg.vector_norm(
+        channel_view(x), dim=1, dtype=accumulation_dtype(x.dtype))
+    return norms
 
 
 def _channel_coefficients(wp: Tensor, w_norm: Tensor, eps: float) -> Tensor:

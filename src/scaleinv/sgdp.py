@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, cast, overload
 
 import torch
 from torch import Tensor
@@ -85,7 +85,7 @@ class SGDP(ScaleInvariantOptimizer):
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        lr: float | Tensor = required,
+        lr: float | Tensor = required,  # type: ignore[assignment]  # torch's sentinel
         momentum: float = 0,
         dampening: float = 0,
         weight_decay: float = 0,
@@ -137,6 +137,10 @@ class SGDP(ScaleInvariantOptimizer):
         if options["fused"] and options["foreach"]:
             raise ValueError("fused=True and foreach=True cannot be used together")
 
+    @overload
+    def step(self, closure: None = None) -> None: ...
+    @overload
+    def step(self, closure: Callable[[], float]) -> float: ...
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """Perform one optimisation step; ``closure`` re-evaluates the model, returns the loss."""
@@ -272,12 +276,12 @@ def _multi_tensor_sgdp(
         [params, grads, momentum_buffers]  # type: ignore[list-item]
     )
     project_buffer = project_momentum and not nesterov
-    for (d_params, d_grads, d_bufs), _ in grouped.values():
-        if maximize:
-            d_grads = torch._foreach_neg(d_grads)
+    for lists, _ in grouped.values():
+        # torch types the lists as holding None (its grads may be missing); ours are all tensors.
+        d_params, d_grads, d_bufs = cast(list[list[Tensor]], lists)
         d_params, d_grads, d_bufs = (
             [torch.view_as_real(t) if torch.is_complex(t) else t for t in tensors]
-            for tensors in (d_params, d_grads, d_bufs)
+            for tensors in (d_params, torch._foreach_neg(d_grads) if maximize else d_grads, d_bufs)
         )
 
         torch._foreach_mul_(d_bufs, momentum)
