@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from scaleinv._amp import skip_step, unscaled
 from scaleinv.backends import choose, choose_cautious
 from scaleinv.distributed import check_flat_shard, remember_params
 from scaleinv.projection import validate_scale_invariant
@@ -63,6 +65,36 @@ def with_current_options(
         {**current, **saved} for current, saved in zip(param_groups, saved_groups, strict=True)
     ]
     return {**state_dict, "param_groups": merged}
+
+
+def run_bodies(
+    tensors: list[list[Tensor]], *, backend: str, caution: bool, grad_scale: Tensor | None,
+    found_inf: Tensor | None, single: Callable[..., None], multi: Callable[..., None],
+    fused: Callable[..., list[int]], hyper: dict[str, Any],
+    multi_options: Callable[[list[list[Tensor]]], dict[str, Any]] = lambda tensors: {},
+) -> None:
+    """Step ``tensors`` (``[params, grads, *states]``, none empty) with the body ``backend``
+    names: ``single`` (``"reference"``), ``multi`` (``"foreach"``), or ``fused`` for a fused
+    backend, whose declined tensors ``multi`` steps. ``multi_options(tensors)`` adds options of
+    the multi-tensor call; ``grad_scale``/``found_inf`` as in :mod:`scaleinv._amp`."""
+    if caution and backend != "reference":
+        raise ValueError(f"caution=True runs on the single-tensor body (backend='reference'), "
+                         f"not {backend!r}")
+    if backend in ("reference", "foreach"):
+        if skip_step(found_inf):
+            return
+        tensors = [tensors[0], unscaled(tensors[1], grad_scale), *tensors[2:]]
+        if backend == "reference":
+            single(*tensors, **hyper, **({"caution": True} if caution else {}))
+        else:
+            multi(*tensors, **hyper, **multi_options(tensors))
+        return
+    left = fused(*tensors, backend=None if backend == "fused" else backend,
+                 grad_scale=grad_scale, found_inf=found_inf, **hyper)
+    if left and not skip_step(found_inf):
+        rest = [[ts[i] for i in left] for ts in tensors]
+        rest[1] = unscaled(rest[1], grad_scale)
+        multi(*rest, **hyper, **multi_options(rest))
 
 
 def nonempty(*tensorlists: list[Tensor]) -> list[list[Tensor]]:

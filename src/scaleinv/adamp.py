@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable
 from typing import Any, TypeAlias, cast, overload
@@ -11,7 +12,6 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from scaleinv import backends
-from scaleinv._amp import skip_step, unscaled
 from scaleinv._common import (
     ScaleInvariantOptimizer,
     as_step_counter,
@@ -19,6 +19,7 @@ from scaleinv._common import (
     new_state,
     new_step_counter,
     nonempty,
+    run_bodies,
     step_value,
 )
 from scaleinv.fused import fused_adamp
@@ -253,25 +254,13 @@ def adamp(
         lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, delta=delta,
         wd_ratio=wd_ratio, nesterov=nesterov, maximize=maximize, scale_invariant=scale_invariant,
     )
-    if caution and backend != "reference":
-        raise ValueError(f"caution=True runs on the single-tensor body (backend='reference'), "
-                         f"not {backend!r}")
-    if backend in ("reference", "foreach"):
-        if skip_step(found_inf):
-            return
-        tensors[1] = unscaled(tensors[1], grad_scale)
-        body = _single_tensor_adamp if backend == "reference" else _multi_tensor_adamp
-        if caution:
-            hyper["caution"] = True
-        body(*tensors, capturable=capturable, **hyper)
-        return
-    left = fused_adamp(*tensors, backend=None if backend == "fused" else backend,
-                       grad_scale=grad_scale, found_inf=found_inf, **hyper)
-    if left and not skip_step(found_inf):
-        rest = [[ts[i] for i in left] for ts in tensors]
-        rest[1] = unscaled(rest[1], grad_scale)
-        _multi_tensor_adamp(*rest, capturable=capturable or rest[4][0].device.type != "cpu",
-                            **hyper)
+    run_bodies(
+        tensors, backend=backend, caution=caution, grad_scale=grad_scale, found_inf=found_inf,
+        single=functools.partial(_single_tensor_adamp, capturable=capturable),
+        multi=_multi_tensor_adamp, fused=fused_adamp, hyper=hyper,
+        # counters left on the device (by a fused step) keep the multi-tensor body sync-free
+        multi_options=lambda ts: {"capturable": capturable or ts[4][0].device.type != "cpu"},
+    )
 
 
 def _single_tensor_adamp(

@@ -10,12 +10,12 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.optimizer import required
 
-from scaleinv._amp import skip_step, unscaled
 from scaleinv._common import (
     ScaleInvariantOptimizer,
     check_number,
     new_state,
     nonempty,
+    run_bodies,
 )
 from scaleinv.fused import fused_sgdp
 from scaleinv.projection import (
@@ -214,24 +214,10 @@ def sgdp(
         nesterov=nesterov, eps=eps, delta=delta, wd_ratio=wd_ratio,
         project_momentum=project_momentum, maximize=maximize, scale_invariant=scale_invariant,
     )
-    if caution and backend != "reference":
-        raise ValueError(f"caution=True runs on the single-tensor body (backend='reference'), "
-                         f"not {backend!r}")
-    if backend in ("reference", "foreach"):
-        if skip_step(found_inf):
-            return
-        tensors[1] = unscaled(tensors[1], grad_scale)
-        body = _single_tensor_sgdp if backend == "reference" else _multi_tensor_sgdp
-        if caution:
-            hyper["caution"] = True
-        body(*tensors, **hyper)
-        return
-    left = fused_sgdp(*tensors, backend=None if backend == "fused" else backend,
-                      grad_scale=grad_scale, found_inf=found_inf, **hyper)
-    if left and not skip_step(found_inf):
-        rest = [[ts[i] for i in left] for ts in tensors]
-        rest[1] = unscaled(rest[1], grad_scale)
-        _multi_tensor_sgdp(*rest, **hyper)
+    run_bodies(
+        tensors, backend=backend, caution=caution, grad_scale=grad_scale, found_inf=found_inf,
+        single=_single_tensor_sgdp, multi=_multi_tensor_sgdp, fused=fused_sgdp, hyper=hyper,
+    )
 
 
 def _single_tensor_sgdp(
