@@ -254,8 +254,9 @@ def _tangent_or_random(w: torch.Tensor, generator: torch.Generator) -> torch.Ten
     return (n_rows - coef * w_rows).reshape(w.shape)
 
 
-# Not strict: seen on this machine's main checkout, not in a fresh clone's run (so it depends
-# on something of the environment, perhaps inductor's cache); the case runs either way.
+# Not strict: it failed in some runs and passed in others on the same machine (fresh clones
+# included), so it depends on something outside the code (inductor's cache?); the case runs
+# either way.
 INDUCTOR_CPU_NAN = pytest.mark.xfail(strict=False, reason=(
     "torch 2.13's inductor, vectorised CPU code with one thread: the compiled per-tensor AdamP "
     "body gave NaN for all-zero rows with eps=0 (correct with cpp.simdlen=1, with two "
